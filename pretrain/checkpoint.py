@@ -1,0 +1,409 @@
+"""Load and export Swin weights in three layouts: the official release, timm, and ours.
+
+- official: `{'model': sd}` .pth; patch merging at the END of stage i (`layers.i.downsample`), classifier
+  `head.*`, stored `relative_position_index` / `attn_mask` buffers.
+- timm: patch merging at the START of stage i+1, classifier `head.fc.*`, no buffers; .safetensors/.pth/.bin.
+- ours: timm's key layout plus the model config in the file's metadata (`format: swin-pretrain/1`).
+
+Loading is strict: everything is converted and checked first, and only a checkpoint that fits is copied
+into the model, so a failed load leaves the model untouched.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+
+from .classes import NUM_22K, map22k_to_1k
+from .io import read_bytes, write_bytes_atomic
+from .models.swin import VARIANTS, SwinConfig, SwinTransformer
+
+OURS_FORMAT = "swin-pretrain/1"
+LAYOUTS = ("ours", "timm", "official")
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+HEAD_W, HEAD_B = "head.fc.weight", "head.fc.bias"
+
+Source = Union[str, "os.PathLike[str]", Mapping]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that can't be read or isn't a Swin checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that doesn't fit the model: missing, unexpected or mis-shaped keys."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    layout: str
+    converted: list[str] = field(default_factory=list)
+    resized: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.source} (layout: {self.layout})"]
+        for title, items in (("converted", self.converted), ("resized", self.resized),
+                             ("re-initialized", self.reinitialized), ("dropped", self.dropped)):
+            lines += [f"  {title}: {item}" for item in items]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state dict, metadata) from a path, an fsspec URL or an in-memory state dict.
+
+    `.pth`/`.bin` files load with `torch.load(weights_only=True)`; `allow_pickle=True` lifts that for
+    files you trust (arbitrary code can run while unpickling).
+    """
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    meta: dict[str, Any] = {}
+    if isinstance(source, Mapping):
+        obj: Any = source
+    else:
+        data = read_bytes(name)
+        if _is_safetensors(data):
+            try:
+                obj = safetensors.torch.load(data)
+                meta = _safetensors_metadata(data)
+            except Exception as e:
+                raise CheckpointError(f"{name}: unreadable safetensors file ({e}); it may be truncated") from None
+        else:
+            try:
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not allow_pickle)
+            except pickle.UnpicklingError as e:
+                if allow_pickle:
+                    raise CheckpointError(f"{name}: cannot unpickle ({e})") from None
+                raise CheckpointError(
+                    f"{name}: holds objects other than tensors and plain containers, refused by "
+                    f"torch.load(weights_only=True) ({str(e).splitlines()[0]}). If you trust the file, "
+                    "pass allow_pickle=True (--allow-pickle), or convert it to safetensors") from None
+            except Exception as e:
+                raise CheckpointError(
+                    f"{name}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                    "the file may be truncated or corrupt, download or copy it again") from None
+    if isinstance(obj, Mapping):
+        for k in ("format", "config"):
+            if isinstance(obj.get(k), (str, dict)):
+                meta.setdefault(k, obj[k])
+        for key in ("model", "state_dict", "module", "model_ema"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: expected a state dict, found {type(obj).__name__}")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        sd[k[len("module."):] if k.startswith("module.") else k] = v
+    if not any(".blocks." in k for k in sd):
+        raise CheckpointError(f"{name}: no 'layers.*.blocks.*' keys: not a Swin checkpoint "
+                              f"(first keys: {list(sd)[:5]})")
+    if isinstance(meta.get("config"), str):
+        meta["config"] = json.loads(meta["config"])
+    return sd, meta
+
+
+def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
+    if (meta or {}).get("format") == OURS_FORMAT:
+        return "ours"
+    if ("layers.0.downsample.reduction.weight" in sd or "head.weight" in sd
+            or any(k.endswith(BUFFER_SUFFIXES) for k in sd)):
+        return "official"
+    return "timm"
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+def official_to_ours(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official keys to ours (= timm's) and drop the derived buffers."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(BUFFER_SUFFIXES):
+            continue
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k)
+        if k.startswith("head."):
+            k = "head.fc." + k[len("head."):]
+        out[k] = v
+    return out
+
+
+def ours_to_official(model: SwinTransformer) -> dict[str, torch.Tensor]:
+    """Our model's weights in the official key layout and module order, with the index/mask buffers
+    the release stores (a block's `attn_mask` first, each index right after its bias table).
+
+    Our `layers.{i+1}.downsample` directly follows stage i's blocks, so renaming it to the official
+    `layers.{i}.downsample` keeps the release's order.
+    """
+    blocks = {}
+    for si, stage in enumerate(model.layers):
+        for bi, blk in enumerate(stage.blocks):
+            if blk.window[0] != blk.window[1]:
+                raise CheckpointError(
+                    f"layers.{si}.blocks.{bi} has a non-square window {blk.window}: the official code "
+                    "only supports square windows; export with layout='timm' or 'ours'")
+            blocks[f"layers.{si}.blocks.{bi}."] = blk
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        m = re.match(r"(layers\.\d+\.blocks\.\d+\.)", k)
+        blk = blocks[m[1]] if m else None
+        if blk is not None and k == m[1] + "norm1.weight" and blk.attn_mask is not None:
+            out[m[1] + "attn_mask"] = blk.attn_mask
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda d: f"layers.{int(d[1]) - 1}.downsample", k)
+        out["head." + k[len("head.fc."):] if k.startswith("head.fc.") else k] = v
+        if blk is not None and k.endswith("attn.relative_position_bias_table"):
+            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
+    return out
+
+
+def resize_bias_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
+    """((2M-1)^2, heads) -> ((2M'-1)^2, heads), exactly as the official `load_pretrained`:
+    per head, the table as a (2M-1)x(2M-1) image, torch bicubic, align_corners=False."""
+    L1, heads = table.shape
+    S1, S2 = math.isqrt(L1), math.isqrt(new_len)
+    if S1 * S1 != L1 or S2 * S2 != new_len:
+        raise CheckpointError(f"bias table of {L1} rows -> {new_len}: only square windows can be resized")
+    img = table.float().permute(1, 0).reshape(1, heads, S1, S1)
+    out = F.interpolate(img, size=(S2, S2), mode="bicubic")
+    return out.reshape(heads, new_len).permute(1, 0).contiguous().to(table.dtype)
+
+
+def resize_abs_pos_embed(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(1, S*S, C) -> (1, gh*gw, C), bicubic as the official `load_pretrained`."""
+    _, L1, C = pe.shape
+    S1 = math.isqrt(L1)
+    if S1 * S1 != L1:
+        raise CheckpointError(f"absolute_pos_embed of {L1} positions is not a square grid")
+    img = pe.float().reshape(1, S1, S1, C).permute(0, 3, 1, 2)
+    out = F.interpolate(img, size=grid, mode="bicubic")
+    return out.permute(0, 2, 3, 1).flatten(1, 2).contiguous().to(pe.dtype)
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Architecture read off a state dict in our layout: the fields of SwinConfig it determines."""
+    proj = sd["patch_embed.proj.weight"]
+    depths, heads = [], []
+    i = 0
+    while any(k.startswith(f"layers.{i}.blocks.") for k in sd):
+        depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks.")))
+        heads.append(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+        i += 1
+    table = sd["layers.0.blocks.0.attn.relative_position_bias_table"]
+    cfg: dict[str, Any] = dict(
+        embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2],
+        depths=tuple(depths), num_heads=tuple(heads),
+        window_size=(math.isqrt(table.shape[0]) + 1) // 2,
+        num_classes=sd[HEAD_W].shape[0] if HEAD_W in sd else 0,
+        mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
+        qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd,
+        ape="absolute_pos_embed" in sd, patch_norm="patch_embed.norm.weight" in sd)
+    if cfg["ape"]:
+        cfg["img_size"] = math.isqrt(sd["absolute_pos_embed"].shape[1]) * cfg["patch_size"]
+    return cfg
+
+
+def variant_name(cfg: Mapping[str, Any]) -> str:
+    for name, arch in VARIANTS.items():
+        if all(tuple(cfg[k]) == tuple(v) if isinstance(v, tuple) else cfg[k] == v for k, v in arch.items()):
+            return name
+    return "custom"
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    return (f"{variant_name(cfg)} (embed_dim {cfg['embed_dim']}, depths {tuple(cfg['depths'])}, "
+            f"heads {tuple(cfg['num_heads'])}), window {cfg['window_size']}, {cfg['num_classes']} classes")
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+def _fit_head(sd: dict, target: Mapping, model: SwinTransformer, reset_head: bool, report: LoadReport) -> None:
+    nc = model.num_classes
+    if nc == 0:
+        for k in (HEAD_W, HEAD_B):
+            if sd.pop(k, None) is not None:
+                report.dropped.append(f"{k} (the model has no classifier, num_classes=0)")
+        return
+    if HEAD_W not in sd and not reset_head:
+        return  # reported as missing by the strict check: the caller must ask for a new head
+    src = sd[HEAD_W].shape if HEAD_W in sd else None
+    if src is not None and src[1] != target[HEAD_W].shape[1]:
+        return  # another width: a shape mismatch for the strict check, not a head to re-initialize
+    if not reset_head and src is not None and src[0] == nc:
+        return
+    if not reset_head and src is not None and src[0] == NUM_22K and nc == 1000:
+        rows = torch.tensor(map22k_to_1k())
+        sd[HEAD_W], sd[HEAD_B] = sd[HEAD_W][rows], sd[HEAD_B][rows]
+        report.converted.append("head: 21841 ImageNet-22K rows -> 1000 ImageNet-1K rows (official mapping)")
+        return
+    # The official fine-tuning code zero-initializes a head whose class count changed.
+    sd[HEAD_W] = torch.zeros_like(target[HEAD_W])
+    sd[HEAD_B] = torch.zeros_like(target[HEAD_B])
+    why = "asked (reset_head=True)" if reset_head else (
+        f"checkpoint has {src[0] if src is not None else 'no'} classes, model has {nc}")
+    report.reinitialized.append(f"head.fc: zero-initialized ({why})")
+
+
+def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: LoadReport) -> None:
+    resized = []
+    for k, v in list(sd.items()):
+        t = target.get(k)
+        if t is None or v.shape == t.shape:
+            continue
+        if k.endswith("relative_position_bias_table") and v.shape[1] == t.shape[1]:
+            sd[k] = resize_bias_table(v, t.shape[0])
+            resized.append((k, tuple(v.shape), tuple(t.shape)))
+        elif k == "absolute_pos_embed" and v.shape[2] == t.shape[2]:
+            sd[k] = resize_abs_pos_embed(v, model.patch_embed.grid_size)
+            resized.append((k, tuple(v.shape), tuple(t.shape)))
+    if resized:
+        tables = [r for r in resized if r[0] != "absolute_pos_embed"]
+        if tables:
+            report.resized.append(f"{len(tables)} relative_position_bias_table(s) bicubic, e.g. "
+                                  f"{tables[0][1]} -> {tables[0][2]}")
+        report.resized += [f"absolute_pos_embed {a} -> {b} bicubic" for k, a, b in resized
+                           if k == "absolute_pos_embed"]
+
+
+def _natural_key(item: Any) -> list:
+    """Sort 'layers.2.blocks.10' after 'layers.2.blocks.9'."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(item))]
+
+
+def _mismatch_message(name: str, sd: Mapping, target: Mapping, model: SwinTransformer,
+                      missing: list, unexpected: list, mismatched: list) -> str:
+    def show(items: list, n: int = 8) -> str:
+        items = sorted(items, key=_natural_key)
+        return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+    lines = [f"{name} does not fit the model:"]
+    if missing:
+        lines.append(f"  missing keys: {show(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys: {show(unexpected)}")
+    if mismatched:
+        lines.append("  shape mismatches: " + show([f"{k} {a} vs model {b}" for k, a, b in mismatched]))
+    try:
+        ck = _describe(infer_config(sd))
+    except (KeyError, IndexError, ValueError):
+        ck = "unrecognized"
+    mine = model.cfg.to_dict()
+    lines.append(f"  hint: the checkpoint looks like {ck}; the model is {_describe(mine)}. "
+                 "Build the matching variant (build_model(variant, window_size=..., num_classes=...))"
+                 + ("; a checkpoint without a classifier loads with reset_head=True"
+                    if HEAD_W in missing and len(missing) <= 2 else ""))
+    return "\n".join(lines)
+
+
+def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = True, reset_head: bool = False,
+                    allow_pickle: bool = False) -> LoadReport:
+    """Load `source` (path, fsspec URL or state dict; official, timm or our layout) into `model`.
+
+    Bias tables and absolute position embeddings are resized to the model's window/grid (official
+    bicubic recipe); index and mask buffers are rebuilt by the model, never loaded; a 21841-class head
+    loads into a 1000-class model through the official 22K->1K mapping; any other class-count change
+    zero-initializes the head. With strict=True any other difference raises CheckpointMismatchError and
+    the model is left unchanged.
+    """
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    layout = detect_layout(sd, meta)
+    report = LoadReport(name, layout)
+    if layout == "official":
+        n_buffers = sum(k.endswith(BUFFER_SUFFIXES) for k in sd)
+        sd = official_to_ours(sd)
+        report.converted.append("official -> our key layout (patch merging moved to the next stage, "
+                                "head -> head.fc)")
+        if n_buffers:
+            report.dropped.append(f"{n_buffers} relative_position_index/attn_mask buffers (rebuilt by the model)")
+    else:
+        sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
+    target = model.state_dict()
+    _fit_head(sd, target, model, reset_head, report)
+    _fit_positions(sd, target, model, report)
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in sd
+                  if k in target and sd[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        msg = _mismatch_message(name, sd, target, model, missing, unexpected, mismatched)
+        if strict:
+            raise CheckpointMismatchError(msg)
+        for k, _, _ in mismatched:
+            del sd[k]
+        report.dropped += [f"{k} (not in the model)" for k in unexpected]
+        report.dropped += [f"{k} (shape mismatch, kept the model's)" for k, _, _ in mismatched]
+        report.reinitialized += [f"{k} (missing, kept the model's init)" for k in missing]
+        sd = {k: v for k, v in sd.items() if k in target}
+    model.load_state_dict(sd, strict=strict)
+    return report
+
+
+# -------------------------------------------------------------------------------------------- export
+
+def _to_cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
+    """Write the model's weights to `path` (local or fsspec URL) in `layout`, atomically.
+
+    `.safetensors` paths get safetensors; anything else a torch.save file (`{'model': sd}` for the
+    official layout, as the release). The timm layout loads with
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "timm" and model.absolute_pos_embed is not None:
+        raise CheckpointError("timm's Swin has no absolute position embedding (ape=True): "
+                              "export with layout='official' or 'ours'")
+    sd = _to_cpu(ours_to_official(model) if layout == "official" else model.state_dict())
+    as_safetensors = str(path).endswith(".safetensors")
+    if layout == "ours":
+        meta = {"format": OURS_FORMAT, "config": json.dumps(model.cfg.to_dict())}
+        obj: dict = {"model": sd, **meta}
+    else:
+        meta = {"format": "pt"}
+        obj = {"model": sd} if layout == "official" else sd
+    if as_safetensors:
+        data = safetensors.torch.save(sd, metadata=meta)
+    else:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getvalue()
+    write_bytes_atomic(str(path), data)
+    return str(path)
+
+
+def config_from_checkpoint(source: Source, *, allow_pickle: bool = False) -> SwinConfig:
+    """The architecture stored in (ours) or read off (official, timm) a checkpoint."""
+    sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    if isinstance(meta.get("config"), dict):
+        return SwinConfig(**meta["config"])
+    if detect_layout(sd, meta) == "official":
+        sd = official_to_ours(sd)
+    return SwinConfig(**infer_config(sd))

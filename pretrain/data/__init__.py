@@ -1,0 +1,1 @@
+"""Data: WebDataset shard writer/verifier (`shards`) and the streaming loader (`loader`)."""

@@ -1,0 +1,439 @@
+"""Write labelled images as WebDataset tar shards (timm's `imagenet-22k-wds` layout) and verify them.
+
+Each sample is `<key>.jpg`, `<key>.cls` (class index, ASCII) and `<key>.json` (label, class name, width,
+height, source). Beside the shards: `_info.json` (timm's format), `_index.parquet` (one row per sample),
+`classes.txt` (class index = line number) and `_errors.json` (inputs skipped, with the reason).
+
+Resumable: each shard is written under a temporary name and renamed when complete, with its index rows
+in `_parts/`; a rerun with the same plan skips finished shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Iterator, Optional
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+from ..io import read_bytes, write_bytes_atomic
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
+                          ("class_name", pa.string()), ("bytes", pa.int64()), ("width", pa.int32()),
+                          ("height", pa.int32()), ("source", pa.string())])
+PLAN_FIELDS = ("src", "val_per_class", "samples_per_shard", "max_shard_bytes", "max_side", "seed", "quality")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input image: where its bytes are and its class name. `ref` is (kind, *locator)."""
+    ref: tuple
+    class_name: str
+    size: int = 0  # source bytes when known cheaply, for byte-sized shards
+
+    @property
+    def source(self) -> str:
+        return "::".join(str(r) for r in self.ref[1:])
+
+
+@dataclass
+class WriteOptions:
+    src: str
+    out: str
+    val_per_class: int = 0
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 0
+    max_side: int = 0
+    seed: int = 0
+    quality: int = 90
+    workers: int = 1
+    image_column: Optional[str] = None
+    label_column: str = "label"
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+def _list_folder(root: str) -> list[Item]:
+    items = []
+    for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
+        for dirpath, _, files in os.walk(os.path.join(root, cls)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTS):
+                    p = os.path.join(dirpath, f)
+                    items.append(Item(("file", p), cls, os.path.getsize(p)))
+    return items
+
+
+def _list_class_tars(root: str) -> list[Item]:
+    items = []
+    for name in sorted(f for f in os.listdir(root) if f.endswith(".tar")):
+        path = os.path.join(root, name)
+        with tarfile.open(path) as tf:
+            for m in tf.getmembers():
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
+                    items.append(Item(("tar", path, m.name), name[:-4], m.size))
+    return items
+
+
+def _parquet_image_column(schema: pa.Schema, wanted: Optional[str]) -> str:
+    if wanted:
+        if wanted not in schema.names:
+            raise ValueError(f"image column {wanted!r} not in parquet columns {schema.names}")
+        return wanted
+    for name in ("image", "jpg", "img", "image_bytes", "bytes"):
+        if name in schema.names:
+            return name
+    raise ValueError(f"no image column found in parquet columns {schema.names}; pass --image-column")
+
+
+def _list_parquet(root: str, label_column: str) -> list[Item]:
+    files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet")) \
+        if os.path.isdir(root) else [root]
+    items = []
+    for path in files:
+        if label_column not in pq.read_schema(path).names:
+            raise ValueError(f"{path}: label column {label_column!r} not found; pass --label-column")
+        table = pq.read_table(path, columns=[label_column])
+        for row, label in enumerate(table.column(label_column).to_pylist()):
+            items.append(Item(("parquet", path, row), str(label)))
+    return items
+
+
+def detect_source(src: str) -> str:
+    if src.endswith(".parquet") or (os.path.isdir(src) and any(f.endswith(".parquet") for f in os.listdir(src))):
+        return "parquet"
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"{src}: not a folder of class folders, class tars or parquet files")
+    entries = os.listdir(src)
+    if any(f.endswith(".tar") for f in entries):
+        return "tars"
+    if any(os.path.isdir(os.path.join(src, f)) for f in entries):
+        return "folder"
+    raise ValueError(f"{src}: found no class folders, <class>.tar archives or .parquet files")
+
+
+def list_items(opts: WriteOptions) -> list[Item]:
+    kind = detect_source(opts.src)
+    if kind == "folder":
+        return _list_folder(opts.src)
+    if kind == "tars":
+        return _list_class_tars(opts.src)
+    return _list_parquet(opts.src, opts.label_column)
+
+
+def class_order(items: list[Item]) -> list[str]:
+    names = {it.class_name for it in items}
+    # Integer labels (parquet) sort numerically so that label i stays class i.
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+def plan_splits(items: list[Item], opts: WriteOptions) -> dict[str, list[Item]]:
+    """Seeded: N per class held out for validation, then each split shuffled globally."""
+    rng = random.Random(opts.seed)
+    by_class: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        by_class[it.class_name].append(it)
+    train, val = [], []
+    for cls in sorted(by_class):
+        members = by_class[cls]
+        held = set(rng.sample(range(len(members)), min(opts.val_per_class, len(members))))
+        for i, it in enumerate(members):
+            (val if i in held else train).append(it)
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return {"train": train, "validation": val} if val else {"train": train}
+
+
+def chunk(items: list[Item], per_shard: int, max_bytes: int) -> list[list[Item]]:
+    shards, cur, cur_bytes = [], [], 0
+    for it in items:
+        if cur and (len(cur) >= per_shard or (max_bytes and cur_bytes + it.size > max_bytes)):
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(it)
+        cur_bytes += it.size
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+# ------------------------------------------------------------------------------------------- images
+
+class _Reader:
+    """Fetches raw bytes for items, keeping class tars and parquet tables open within one worker."""
+
+    def __init__(self, image_column: Optional[str]):
+        self.image_column = image_column
+        self._tars: dict[str, tarfile.TarFile] = {}
+        self._tables: dict[str, pa.Table] = {}
+
+    def __call__(self, it: Item) -> bytes:
+        kind = it.ref[0]
+        if kind == "file":
+            with open(it.ref[1], "rb") as f:
+                return f.read()
+        if kind == "tar":
+            tf = self._tars.get(it.ref[1]) or self._tars.setdefault(it.ref[1], tarfile.open(it.ref[1]))
+            return tf.extractfile(it.ref[2]).read()
+        path, row = it.ref[1], it.ref[2]
+        if path not in self._tables:
+            col = _parquet_image_column(pq.read_schema(path), self.image_column)
+            self._tables = {path: pq.read_table(path, columns=[col])}  # one file resident at a time
+        value = self._tables[path].column(0)[row].as_py()
+        if isinstance(value, dict):  # HF datasets Image feature: {'bytes': ..., 'path': ...}
+            value = value.get("bytes")
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(f"parquet cell is {type(value).__name__}, not image bytes")
+        return bytes(value)
+
+
+def prepare_jpeg(data: bytes, max_side: int, quality: int) -> tuple[bytes, int, int, str]:
+    """Validate and normalize one image: (jpeg bytes, width, height, note).
+
+    RGB JPEGs within `max_side` keep their original bytes (lossless, fast); anything else (CMYK,
+    grayscale, palette, PNG and other formats, also when named .jpg) is converted to RGB JPEG.
+    Raises ValueError for inputs that can't be decoded (not an image, truncated).
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+        fmt, mode = img.format, img.mode
+        img.load()  # full decode: catches truncated files
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"undecodable image ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    needs_resize = max_side and min(w, h) > max_side
+    if fmt == "JPEG" and mode == "RGB" and not needs_resize:
+        return data, w, h, ""
+    note = []
+    if mode != "RGB":
+        if mode in ("RGBA", "LA", "P", "PA") and ("transparency" in img.info or mode in ("RGBA", "LA", "PA")):
+            img = img.convert("RGBA")
+            bg = Image.new("RGB", img.size, (255, 255, 255))
+            bg.paste(img, mask=img.getchannel("A"))
+            img = bg
+        else:
+            img = img.convert("RGB")
+        note.append(f"converted {mode}->RGB")
+    if fmt != "JPEG":
+        note.append(f"re-encoded {fmt}->JPEG")
+    if needs_resize:
+        s = max_side / min(w, h)
+        w, h = max(1, round(w * s)), max(1, round(h * s))
+        img = img.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
+        note.append(f"resized to {w}x{h}")
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue(), w, h, ", ".join(note)
+
+
+# -------------------------------------------------------------------------------------------- write
+
+@dataclass
+class ShardJob:
+    split: str
+    index: int
+    start: int  # global sample number of the first item: keys are stable across reruns
+    items: list[Item]
+    classes: dict[str, int]
+    opts: WriteOptions
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+def _join(out: str, name: str) -> str:
+    return out.rstrip("/") + "/" + name
+
+
+def write_shard(job: ShardJob) -> tuple[str, int, list[dict]]:
+    """Write one shard and its index part; returns (shard name, samples written, errors)."""
+    import webdataset as wds
+
+    read = _Reader(job.opts.image_column)
+    rows, errors = [], []
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as sink:
+        for offset, it in enumerate(job.items):
+            key = f"{job.split}{job.start + offset:09d}"
+            try:
+                jpg, w, h, note = prepare_jpeg(read(it), job.opts.max_side, job.opts.quality)
+            except (ValueError, OSError, KeyError) as e:
+                errors.append({"source": it.source, "class": it.class_name, "reason": str(e)})
+                continue
+            label = job.classes[it.class_name]
+            meta = {"label": label, "class_name": it.class_name, "width": w, "height": h, "source": it.source}
+            if note:
+                meta["note"] = note
+            sink.write({"__key__": key, "jpg": jpg, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+            rows.append({"key": key, "shard": job.name, "label": label, "class_name": it.class_name,
+                         "bytes": len(jpg), "width": w, "height": h, "source": it.source})
+            if note:
+                errors.append({"source": it.source, "class": it.class_name, "reason": note, "kept": True})
+    write_bytes_atomic(_join(job.opts.out, job.name), buf.getvalue())
+    part = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), part)
+    # The part is written after the shard: a part on disk means its shard is complete.
+    write_bytes_atomic(_join(job.opts.out, f"_parts/{job.name}.errors.json"), json.dumps(errors).encode())
+    write_bytes_atomic(_join(job.opts.out, f"_parts/{job.name}.parquet"), part.getvalue())
+    return job.name, len(rows), errors
+
+
+def _plan_fingerprint(opts: WriteOptions, n_items: int) -> dict:
+    return {**{k: getattr(opts, k) for k in PLAN_FIELDS}, "n_items": n_items}
+
+
+def _check_plan(fs, out: str, plan: dict) -> None:
+    path = _join(out, "_parts/_plan.json")
+    if fs.exists(path):
+        old = json.loads(read_bytes(path))
+        if old != plan:
+            diff = {k: (old.get(k), plan.get(k)) for k in plan if old.get(k) != plan.get(k)}
+            raise ValueError(f"{out} holds shards from another plan ({diff} as (old, new)); "
+                             "write to a new folder or rerun with the same arguments to resume")
+    else:
+        write_bytes_atomic(path, json.dumps(plan).encode())
+
+
+def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
+    """Plan, write (in parallel, skipping finished shards) and write the manifest. Returns a summary."""
+    items = list_items(opts)
+    if not items:
+        raise ValueError(f"{opts.src}: no images found")
+    classes = class_order(items)
+    class_idx = {c: i for i, c in enumerate(classes)}
+    fs, _ = fsspec.core.url_to_fs(opts.out)
+    fs.makedirs(fsspec.core.url_to_fs(_join(opts.out, "_parts"))[1], exist_ok=True)
+    _check_plan(fs, opts.out, _plan_fingerprint(opts, len(items)))
+    jobs = []
+    for split, members in plan_splits(items, opts).items():
+        start = 0
+        for i, shard in enumerate(chunk(members, opts.samples_per_shard, opts.max_shard_bytes)):
+            jobs.append(ShardJob(split, i, start, shard, class_idx, opts))
+            start += len(shard)
+    todo = [j for j in jobs if not fs.exists(_join(opts.out, f"_parts/{j.name}.parquet"))]
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=sum(len(j.items) for j in todo), unit="img", desc="writing shards", smoothing=0.1)
+    if todo:
+        ctx = get_context("spawn" if opts.workers > 1 else "fork")
+        with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+            for name, n, _ in pool.imap_unordered(write_shard, todo):
+                if bar:
+                    bar.update(n)
+    if bar:
+        bar.close()
+    summary = write_manifest(opts.out, jobs, classes)
+    summary.update(skipped_shards=len(jobs) - len(todo), seconds=time.time() - t0,
+                   written_images=sum(len(j.items) for j in todo))
+    return summary
+
+
+class _Serial:
+    """Pool stand-in for workers=1 (no processes)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap_unordered(fn, jobs):
+        return map(fn, jobs)
+
+
+def write_manifest(out: str, jobs: list[ShardJob], classes: list[str]) -> dict:
+    tables, errors = [], []
+    for j in jobs:
+        tables.append(pq.read_table(io.BytesIO(read_bytes(_join(out, f"_parts/{j.name}.parquet")))))
+        errors += json.loads(read_bytes(_join(out, f"_parts/{j.name}.errors.json")))
+    index = pa.concat_tables(tables)
+    buf = io.BytesIO()
+    pq.write_table(index, buf)
+    write_bytes_atomic(_join(out, "_index.parquet"), buf.getvalue())
+    counts = defaultdict(int)
+    for shard in index.column("shard").to_pylist():
+        counts[shard] += 1
+    splits = {}
+    for split in dict.fromkeys(j.split for j in jobs):
+        names = [j.name for j in jobs if j.split == split]
+        lengths = [counts[n] for n in names]
+        splits[split] = {"name": split, "filenames": names, "shard_lengths": lengths, "num_samples": sum(lengths)}
+    info = {"name": os.path.basename(out.rstrip("/")), "num_classes": len(classes), "splits": splits}
+    write_bytes_atomic(_join(out, "_info.json"), json.dumps(info, indent=1).encode())
+    write_bytes_atomic(_join(out, "classes.txt"), ("\n".join(classes) + "\n").encode())
+    skipped = [e for e in errors if not e.get("kept")]
+    write_bytes_atomic(_join(out, "_errors.json"), json.dumps(errors, indent=1).encode())
+    return {"samples": {s: v["num_samples"] for s, v in splits.items()},
+            "shards": {s: len(v["filenames"]) for s, v in splits.items()},
+            "classes": len(classes), "skipped_inputs": len(skipped),
+            "converted_inputs": len(errors) - len(skipped)}
+
+
+# ------------------------------------------------------------------------------------------- verify
+
+def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) for consecutive members of one key; raises tarfile.ReadError when cut."""
+    cur_key, cur = None, {}
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key, _, ext = os.path.basename(m.name).partition(".")
+            key = os.path.join(os.path.dirname(m.name), key)
+            if key != cur_key and cur:
+                yield cur_key, cur
+                cur = {}
+            cur_key = key
+            cur[ext] = tf.extractfile(m).read()
+    if cur:
+        yield cur_key, cur
+
+
+def verify_shards(out: str) -> dict:
+    """Check every shard against `_info.json`: readable, complete, decodable, labelled."""
+    info = json.loads(read_bytes(_join(out, "_info.json")))
+    bad: list[dict] = []
+    checked = 0
+    for split, s in info["splits"].items():
+        for name, expected in zip(s["filenames"], s["shard_lengths"]):
+            problems, n = [], 0
+            try:
+                for key, sample in iter_tar_samples(read_bytes(_join(out, name))):
+                    n += 1
+                    if "jpg" not in sample or "cls" not in sample:
+                        problems.append(f"{key}: missing {'jpg' if 'jpg' not in sample else 'cls'}")
+                        continue
+                    try:
+                        Image.open(io.BytesIO(sample["jpg"])).load()
+                        int(sample["cls"])
+                    except Exception as e:
+                        problems.append(f"{key}: {type(e).__name__}: {e}")
+            except FileNotFoundError:
+                problems.append("missing")
+            except (tarfile.TarError, OSError, EOFError) as e:
+                problems.append(f"unreadable after {n} samples ({type(e).__name__}: {e})")
+            if n != expected and "missing" not in problems:
+                problems.append(f"{n} samples, manifest says {expected}")
+            checked += n
+            if problems:
+                bad.append({"shard": name, "split": split, "problems": problems})
+    return {"checked_samples": checked, "bad_shards": bad}
+

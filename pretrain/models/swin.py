@@ -1,0 +1,232 @@
+"""Swin Transformer (Liu et al., 2021), numerically the same network as the official code and timm.
+
+Parameter names follow timm's layout (patch merging at the start of stage i+1, classifier `head.fc`), so
+our state dict loads into `timm.create_model(...)` unchanged; `pretrain.checkpoint` converts to and from
+the official layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, Size2, WindowAttention, ceil_to, permute_tokens,
+                     shifted_window_mask, to_2tuple, trunc_normal_init, window_token_order)
+
+
+@dataclass
+class SwinConfig:
+    """Everything needed to rebuild a model; stored in exported checkpoints."""
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 4
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    ape: bool = False
+    patch_norm: bool = True
+    attn_impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.img_size = to_2tuple(self.img_size)
+        self.depths = tuple(int(d) for d in self.depths)
+        self.num_heads = tuple(int(h) for h in self.num_heads)
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+VARIANTS: dict[str, dict] = {
+    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+}
+
+
+class SwinBlock(nn.Module):
+    """(S)W-MSA + MLP, pre-norm residual: (B, H, W, C) -> (B, H, W, C) at a fixed resolution.
+
+    Where the resolution is no larger than the window, the window shrinks to it and the block doesn't
+    shift (official rule, per axis as in timm). Resolutions the window doesn't divide are zero-padded
+    after the cyclic shift. The shift mask is built once here, never per forward pass.
+    """
+
+    def __init__(self, dim: int, resolution: Size2, num_heads: int, window_size: int, shift: bool,
+                 mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float,
+                 attn_impl: str):
+        super().__init__()
+        self.resolution = resolution
+        self.window = tuple(min(r, window_size) for r in resolution)
+        self.shift = tuple(0 if (not shift or r <= window_size) else window_size // 2 for r in resolution)
+        self.padded = tuple(ceil_to(r, w) for r, w in zip(resolution, self.window))
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, drop, attn_impl)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path)
+        # Buffers derived from (resolution, window, shift) alone: built here once, never saved.
+        self.register_buffer("attn_mask", shifted_window_mask(self.padded, self.window, self.shift),
+                             persistent=False)
+        part, merge = window_token_order(resolution, self.window, self.shift)
+        self.register_buffer("part_index", part, persistent=False)
+        self.register_buffer("merge_index", merge, persistent=False)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift, pad and partition as one token gather, attend per window, and gather back."""
+        B, H, W, C = x.shape
+        windows = permute_tokens(x.reshape(B, H * W, C), self.part_index, self.merge_index)
+        out = self.attn(windows.view(-1, self.window[0] * self.window[1], C), self.attn_mask)
+        out = permute_tokens(out.view(B, -1, C), self.merge_index, self.part_index)
+        return out.view(B, H, W, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self._attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then `depth` blocks alternating W-MSA and SW-MSA."""
+
+    def __init__(self, dim: int, in_resolution: Size2, depth: int, num_heads: int, downsample: bool,
+                 drop_path: Sequence[float], cfg: SwinConfig):
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        res = tuple((r + 1) // 2 for r in in_resolution) if downsample else in_resolution
+        self.resolution = res
+        self.blocks = nn.ModuleList([
+            SwinBlock(dim, res, num_heads, cfg.window_size, shift=i % 2 == 1, mlp_ratio=cfg.mlp_ratio,
+                      qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                      drop_path=drop_path[i], attn_impl=cfg.attn_impl)
+            for i in range(depth)])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool + dropout + Linear: (B, H, W, C) -> (B, num_classes). Named like timm's."""
+
+    def __init__(self, dim: int, num_classes: int, drop: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(drop)
+        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x))
+
+
+class SwinTransformer(nn.Module):
+    def __init__(self, cfg: SwinConfig):
+        super().__init__()
+        self.cfg = cfg
+        n = len(cfg.depths)
+        self.num_features = cfg.embed_dim * 2 ** (n - 1)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      cfg.patch_norm)
+        grid = self.patch_embed.grid_size
+        if cfg.ape:  # official layout (1, L, C)
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], cfg.embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        # Per-block linear stochastic-depth schedule over the whole depth, as the official code.
+        dpr = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        stages, res, start = [], grid, 0
+        for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
+            stage = SwinStage(cfg.embed_dim * 2 ** i, res, depth, heads, downsample=i > 0,
+                              drop_path=dpr[start:start + depth], cfg=cfg)
+            stages.append(stage)
+            res, start = stage.resolution, start + depth
+        self.layers = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
+        self.apply(trunc_normal_init)
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (per-block activation checkpointing)."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay besides 1-D params and biases (official recipe)."""
+        names = {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        if self.absolute_pos_embed is not None:
+            names.add("absolute_pos_embed")
+        return names
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalized last-stage tokens (B, H/32, W/32, C)."""
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed.view(1, *x.shape[1:3], -1)
+        x = self.pos_drop(x)
+        for stage in self.layers:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> pooled features (B, num_features), for fine-tuning and linear probes."""
+        return self.forward_tokens(x).mean(dim=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes), or pooled features when num_classes == 0."""
+        return self.head(self.forward_features(x))
+
+
+def build_config(variant: str, **overrides) -> SwinConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(SwinConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise TypeError(f"unknown model override(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    kw = {**VARIANTS[variant], **{k: v for k, v in overrides.items() if v is not None}}
+    return SwinConfig(**kw)
+
+
+def build_model(variant: str = "swin_tiny", **overrides) -> SwinTransformer:
+    """Build a Swin model: `variant` in VARIANTS, overrides are SwinConfig fields.
+
+    >>> m = build_model("swin_base", img_size=384, window_size=12, num_classes=1000)
+    """
+    return SwinTransformer(build_config(variant, **overrides))
+
+
+def model_from_config(cfg: SwinConfig | dict) -> SwinTransformer:
+    return SwinTransformer(cfg if isinstance(cfg, SwinConfig) else SwinConfig(**cfg))
+
+
+def timm_name(cfg: SwinConfig) -> Optional[str]:
+    """The timm model name with the same architecture (variant, patch, window), if there is one."""
+    for name, arch in VARIANTS.items():
+        if (cfg.embed_dim, cfg.depths, cfg.num_heads) == (arch["embed_dim"], arch["depths"], arch["num_heads"]):
+            return f"{name}_patch{cfg.patch_size}_window{cfg.window_size}_{cfg.img_size[0]}"
+    return None
