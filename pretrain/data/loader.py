@@ -1,0 +1,414 @@
+"""Streaming loader for WebDataset shards: deterministic, equal batch counts on every rank, resumable.
+
+Order is a pure function of (seed, epoch, rank, world, workers):
+1. Shards are shuffled by (seed, epoch), then dealt to ranks and to each rank's worker slots ("roles"),
+   balancing the manifest's sample counts (largest shard first to the emptiest slot).
+2. Every rank yields the same number of batches Q, computed from the manifest alone. Role r yields
+   Q // W (+1 for the first Q % W roles) batches, which the DataLoader's in-order round robin turns into
+   batches 0..Q-1; Q is the largest count that every role can fill without reading a sample twice.
+3. Each role streams its shards through a seeded shuffle buffer; each sample's augmentation is seeded by
+   (seed, epoch, sample key). Short or corrupt shards leave a role short: it then cycles its shards again,
+   so the batch count never changes and no rank waits for another (no DDP hang).
+4. Resume: the state is (epoch, batches done). On restart each role skips its finished batches at the raw
+   sample level (no decoding), and worker i takes role (i + done) % W so the round robin continues where
+   it stopped. A different world size, worker count or batch size mid-epoch is refused (clear error);
+   at an epoch boundary any of them may change.
+
+Evaluation reads each sample exactly once across ranks; ranks are padded with invalid samples (flag 0)
+to the same batch count, so metrics count exactly `num_samples` images.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import multiprocessing as mp
+import random
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import fsspec
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .transforms import AugConfig, decode, eval_decode_min_side, eval_transform, seeded, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """Data that can't be used as configured: named shards, counts, or a refused resume."""
+
+
+@dataclass
+class LoaderConfig:
+    source: str  # brace pattern ("s3://b/train-{000000..000099}.tar"), comma list, or an _info.json URL
+    split: str = "train"
+    batch_size: int = 64
+    workers: int = 4
+    seed: int = 0
+    shuffle_buffer: int = 2000
+    allow_pipe: bool = False  # "pipe:" URLs run a shell command: only when the config says so
+    max_corrupt: int = 100  # per rank and epoch; more fails the run naming the shards
+    on_bad_shard: str = "fatal"  # or "skip": an unreadable shard after retries
+    retries: int = 3
+    retry_backoff_s: float = 1.0
+    pin_memory: bool = True
+    return_keys: bool = False  # append the sample keys to every batch (tests, debugging)
+    aug: AugConfig = field(default_factory=AugConfig)
+
+
+# --------------------------------------------------------------------------------------------- shards
+
+def _mix(*parts) -> int:
+    """A stable 63-bit seed from any values (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+def resolve_shards(source: str, split: str) -> list[tuple[str, Optional[int]]]:
+    """[(url, expected samples or None)] from an _info.json (local or remote), a brace pattern or a list."""
+    if source.endswith(".json"):
+        with fsspec.open(source, "r") as f:
+            info = json.load(f)
+        if split not in info.get("splits", {}):
+            raise DataError(f"{source}: no split {split!r}; it has {sorted(info.get('splits', {}))}")
+        s = info["splits"][split]
+        base = source.rsplit("/", 1)[0] + "/" if "/" in source else ""
+        return [(f if "://" in f or f.startswith(("/", "pipe:")) else base + f, n)
+                for f, n in zip(s["filenames"], s["shard_lengths"])]
+    urls = [u for part in source.split(",") for u in braceexpand(part.strip()) if u]
+    if not urls:
+        raise DataError(f"no shards in {source!r}")
+    return [(u, None) for u in urls]
+
+
+def open_shard(url: str, allow_pipe: bool):
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise DataError(f"{url}: 'pipe:' URLs run a shell command; set data.allow_pipe=true to allow")
+        return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
+    return fsspec.open(url, "rb").open()
+
+
+def iter_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) from a tar stream, grouping consecutive members of one key."""
+    cur_key, cur = None, {}
+    with tarfile.open(fileobj=fileobj, mode="r|") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            key = m.name[: len(m.name) - len(base)] + key
+            if key != cur_key and cur:
+                yield cur_key, cur
+                cur = {}
+            cur_key = key
+            cur[ext] = tf.extractfile(m).read()
+    if cur:
+        yield cur_key, cur
+
+
+def deal(shards: list[tuple[str, Optional[int]]], bins: int) -> list[list[tuple[str, Optional[int]]]]:
+    """Greedy balance by sample count (order-stable): largest shard to the emptiest bin."""
+    out: list[list] = [[] for _ in range(bins)]
+    load = [0] * bins
+    order = sorted(range(len(shards)), key=lambda i: -(shards[i][1] or 1))
+    for i in order:
+        b = min(range(bins), key=lambda j: (load[j], j))
+        out[b].append(shards[i])
+        load[b] += shards[i][1] or 1
+    return out
+
+
+@dataclass
+class Stats:
+    corrupt_shards: set = field(default_factory=set)
+    bad_shards: list = field(default_factory=list)
+    short_shards: list = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- dataset
+
+class ShardStream(IterableDataset):
+    """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,)."""
+
+    def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool, num_classes: int = 0):
+        self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
+        self.shards = resolve_shards(cfg.source, cfg.split)
+        if (training or world > 1) and any(n is None for _, n in self.shards):
+            raise DataError(f"{cfg.source}: {'training' if training else 'evaluation on several ranks'} needs "
+                            "per-shard sample counts for equal batches on every rank: point data.source at "
+                            "the shards' _info.json")
+        self.roles = max(1, cfg.workers)
+        if training and len(self.shards) < world * self.roles:
+            raise DataError(f"{len(self.shards)} shards for {world} ranks x {self.roles} workers: need at least "
+                            f"{world * self.roles}; write smaller shards (--samples-per-shard) or use fewer workers")
+        # Shared with (persistent) worker processes, so set_epoch reaches them.
+        self._epoch, self._start, self.corrupt = mp.Value("q", 0), mp.Value("q", 0), mp.Value("q", 0)
+        aug = cfg.aug
+        self.transform = train_transform(aug) if training else eval_transform(aug)
+        self.min_side = aug.train_decode_min_side if training else eval_decode_min_side(aug)
+        self.stats = Stats()
+
+    # ---- the plan: a pure function of (seed, epoch, world, roles)
+    def _roles(self, rank: int) -> list[list[tuple[str, Optional[int]]]]:
+        if not self.training:
+            mine = self.shards[rank::self.world]
+            return [mine[r::self.roles] for r in range(self.roles)]
+        shards = list(self.shards)
+        random.Random(_mix(self.cfg.seed, self.epoch, "shards")).shuffle(shards)
+        roles = deal(deal(shards, self.world)[rank], self.roles)
+        roles.sort(key=lambda s: -sum(n for _, n in s))  # the roles taking an extra batch have most data
+        return roles
+
+    def batches_per_epoch(self) -> int:
+        """Q, the same on every rank, from the manifest alone."""
+        B, W = self.cfg.batch_size, self.roles
+        per_rank = []
+        for rank in range(self.world):
+            roles = self._roles(rank)
+            if not self.training:  # every sample once: partial last batch per role, padded up later
+                per_rank.append(sum(-(-sum(n or 0 for _, n in s) // B) for s in roles))
+                continue
+            caps = [sum(n for _, n in s) // B for s in roles]  # descending
+            low = min(caps)
+            # Role r gives Q//W (+1 if r < Q%W): the largest Q no role's own samples fall short of.
+            per_rank.append(W * low + sum(c > low for c in caps))
+        return max(per_rank) if not self.training else min(per_rank)
+
+    def plan(self) -> tuple[list[list[tuple[str, Optional[int]]]], list[int]]:
+        """(shards per role for this rank, batches per role)."""
+        roles = self._roles(self.rank)
+        if not self.training:
+            B = self.cfg.batch_size
+            unknown = any(n is None for s in roles for _, n in s)  # one rank, no manifest: read it all
+            return roles, [2**62 if unknown else -(-sum(n for _, n in s) // B) for s in roles]
+        Q, W = self.batches_per_epoch(), self.roles
+        return roles, [Q // W + (r < Q % W) for r in range(W)]
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._epoch.value, self._start.value = epoch, start_batch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @property
+    def start_batch(self) -> int:
+        return self._start.value
+
+    # ---- streaming
+    def _read_shard(self, url: str, expected: Optional[int], stats: Stats) -> Iterator[tuple[str, dict, str]]:
+        done, attempt = 0, 0
+        while True:
+            try:
+                n = 0
+                with open_shard(url, self.cfg.allow_pipe) as f:
+                    for key, sample in iter_samples(f):
+                        n += 1
+                        if n > done:
+                            done = n
+                            yield key, sample, url
+                if expected is not None and n < expected:
+                    stats.short_shards.append(url)
+                    log.warning("%s: %d samples, manifest says %d (truncated shard?)", url, n, expected)
+                return
+            except DataError:
+                raise
+            except (OSError, tarfile.TarError, EOFError) as e:
+                if isinstance(e, tarfile.ReadError) or attempt >= self.cfg.retries:
+                    # A tar cut mid-member won't heal by retrying; network errors get `retries` tries.
+                    stats.bad_shards.append(url)
+                    msg = f"{url}: unreadable after {done} samples ({type(e).__name__}: {e})"
+                    if self.cfg.on_bad_shard == "fatal":
+                        raise DataError(msg + "; set data.on_bad_shard='skip' to continue without it") from None
+                    log.warning("%s; skipped", msg)
+                    return
+                attempt += 1
+                time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+
+    def _raw(self, shards, role: int, stats: Stats) -> Iterator[tuple[str, dict, str]]:
+        """Shuffled raw samples of one role; cycles its shards if they run short (keeps batch counts)."""
+        rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, "buffer"))
+        buf: list = []
+        for cycle in range(1_000_000 if self.training else 1):
+            got = 0
+            for url, n in shards:
+                for item in self._read_shard(url, n, stats):
+                    got += 1
+                    if not self.training:
+                        yield item
+                        continue
+                    buf.append(item)
+                    if len(buf) >= self.cfg.shuffle_buffer:
+                        i = rng.randrange(len(buf))
+                        buf[i], buf[-1] = buf[-1], buf[i]
+                        yield buf.pop()
+            rng.shuffle(buf)  # drain this pass before any sample is read a second time
+            yield from buf
+            buf.clear()
+            if got == 0:
+                break
+
+    def _decode(self, key: str, sample: dict, stats: Stats, url: str):
+        try:
+            img = decode(sample["jpg"], self.min_side)
+            label = int(sample["cls"])
+        except Exception as e:  # corrupt JPEG, missing member, bad label
+            with self.corrupt.get_lock():
+                self.corrupt.value += 1
+                total = self.corrupt.value
+            stats.corrupt_shards.add(url)
+            log.warning("rank %d: corrupt sample %s skipped (%s)", self.rank, key, e)
+            if total > self.cfg.max_corrupt:
+                raise DataError(f"{total} corrupt samples on rank {self.rank} this epoch (limit "
+                                f"data.max_corrupt={self.cfg.max_corrupt}); last {key}: {e}; shards: "
+                                f"{sorted(stats.corrupt_shards)}") from None
+            return None
+        return seeded(_mix(self.cfg.seed, self.epoch, key), self.transform, img), label
+
+    def _batches(self, role: int) -> Iterator:
+        roles, quota = self.plan()
+        shards, q = roles[role], quota[role]
+        B, W = self.cfg.batch_size, self.roles
+        done = self.start_batch // W + (role < self.start_batch % W)  # batches this role already gave
+        if not self.training:
+            done = 0  # evaluation always runs whole
+        stats = self.stats
+        skip = done * B
+        imgs, labels, keys, made = [], [], [], done
+        for key, sample, url in self._raw(shards, role, stats):
+            if made >= q:
+                return
+            if skip:
+                skip -= 1
+                continue
+            out = self._decode(key, sample, stats, url)
+            if out is None:
+                continue
+            imgs.append(out[0])
+            labels.append(out[1])
+            keys.append(key)
+            if len(imgs) == B:
+                yield self._collate(imgs, labels, keys)
+                imgs, labels, keys, made = [], [], [], made + 1
+        if imgs and made < q:
+            yield self._collate(imgs, labels, keys)
+
+    def _collate(self, imgs, labels, keys):
+        batch = (torch.stack(imgs), torch.tensor(labels, dtype=torch.long))
+        if not self.training:
+            batch += (torch.ones(len(labels), dtype=torch.bool),)
+        return batch + (keys,) if self.cfg.return_keys else batch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        if info is None and self.roles > 1:
+            # In-process: interleave the roles exactly as the DataLoader's round robin would.
+            its = [self._batches(r) for r in range(self.roles)]
+            start = self.start_batch % self.roles
+            order = [its[(start + i) % self.roles] for i in range(self.roles)]
+            while order:
+                for it in list(order):
+                    try:
+                        yield next(it)
+                    except StopIteration:
+                        order.remove(it)
+            return
+        yield from self._batches((worker + self.start_batch) % self.roles)
+
+
+# ------------------------------------------------------------------------------------------ loaders
+
+class ShardLoader:
+    """Iterates one rank's batches for the current epoch and tracks its position for checkpoints.
+
+    Training batches are (uint8 images, labels); evaluation batches (uint8 images, labels, valid), padded
+    with all-invalid batches so every rank yields `len(loader)` batches.
+    """
+
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world: int = 1, training: bool = True):
+        self.cfg, self.training = cfg, training
+        self.dataset = ShardStream(cfg, rank, world, training)
+        self.epoch, self.batches_done = 0, 0
+        self._loader: Optional[DataLoader] = None
+
+    def __len__(self) -> int:
+        self.dataset.set_epoch(self.epoch, 0)
+        return self.dataset.batches_per_epoch()
+
+    @property
+    def num_samples(self) -> int:
+        return sum(n or 0 for _, n in self.dataset.shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_done = epoch, 0
+
+    def state_dict(self) -> dict:
+        c = self.cfg
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "world": self.dataset.world,
+                "workers": self.dataset.roles, "batch_size": c.batch_size, "seed": c.seed, "source": c.source}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["batches_done"]:
+            now = {"world": self.dataset.world, "workers": self.dataset.roles, "batch_size": self.cfg.batch_size,
+                   "seed": self.cfg.seed}
+            changed = {k: (state[k], v) for k, v in now.items() if state[k] != v}
+            if changed:
+                raise DataError(
+                    f"cannot resume mid-epoch (epoch {state['epoch']}, batch {state['batches_done']}) with "
+                    f"changed {changed} as (saved, now): the sample order depends on them. Resume with the "
+                    "saved values, or from a checkpoint taken at an epoch boundary")
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+
+    def _dataloader(self) -> DataLoader:
+        if self._loader is None:
+            w = self.cfg.workers
+            self._loader = DataLoader(self.dataset, batch_size=None, num_workers=w,
+                                      pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+                                      persistent_workers=w > 0, prefetch_factor=2 if w else None)
+        return self._loader
+
+    def __iter__(self):
+        total = len(self)
+        self.dataset.set_epoch(self.epoch, self.batches_done if self.training else 0)
+        with self.dataset.corrupt.get_lock():
+            self.dataset.corrupt.value = 0
+        n = 0
+        for batch in self._dataloader():
+            if self.training:
+                self.batches_done += 1
+            n += 1
+            yield batch
+        if not self.training:
+            while n < total:  # pad so every rank runs the same number of (possibly collective) steps
+                yield self._padding_batch()
+                n += 1
+            return
+        if self.batches_done != total:
+            raise DataError(f"rank {self.dataset.rank}: epoch {self.epoch} gave {self.batches_done} batches, "
+                            f"planned {total}")
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def _padding_batch(self):
+        s = self.cfg.aug.img_size
+        batch = (torch.zeros(1, 3, s, s, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
+                 torch.zeros(1, dtype=torch.bool))
+        return batch + ([""],) if self.cfg.return_keys else batch
+
+    @property
+    def corrupt_samples(self) -> int:
+        """Corrupt samples skipped on this rank in the current epoch."""
+        return self.dataset.corrupt.value
+
+
+def build_loader(cfg: LoaderConfig, rank: int = 0, world: int = 1, training: bool = True) -> ShardLoader:
+    return ShardLoader(cfg, rank, world, training)
