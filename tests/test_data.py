@@ -22,7 +22,7 @@ from pretrain.data.synthetic import make_image_folder
 from pretrain.data.transforms import AugConfig
 
 REPO = Path(__file__).resolve().parents[1]
-AUG = AugConfig(img_size=32, train_decode_min_side=0, auto_augment=None)
+AUG = AugConfig(img_size=32, auto_augment=None)
 
 
 @pytest.fixture(scope="module")
@@ -287,9 +287,8 @@ def test_pipe_urls_need_the_config_flag(tmp_path):
 
 
 def test_training_transform_output_and_batch_augment():
-    from pretrain.data.transforms import BatchAugment, decode, train_transform
-    img = decode(jpeg(), 0)
-    x = train_transform(AugConfig(img_size=32))(img)
+    from pretrain.data.transforms import BatchAugment, train_transform
+    x = train_transform(AugConfig(img_size=32))(Image.open(io.BytesIO(jpeg())))
     assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
     aug = BatchAugment(AugConfig(img_size=32), num_classes=3, device="cpu")
     xb, yb = aug(torch.stack([x, x]), torch.tensor([0, 2]), step_seed=5)
@@ -307,3 +306,39 @@ def test_randaugment_inc1_survives_zero_bit_posterize():
     ra.ops[0].prob = 1.0
     out = ra(Image.new("RGB", (8, 8), (200, 100, 50)))  # magnitude 10 -> keep 0 bits
     assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_draft_crop_decodes_smaller_only_where_the_crop_allows():
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from pretrain.data.transforms import DraftRandomResizedCrop
+    b = io.BytesIO()
+    src = Image.effect_noise((1024, 768), 60).convert("RGB").resize((1024, 768))
+    src.save(b, "JPEG", quality=95)
+    data = b.getvalue()
+    crop = DraftRandomResizedCrop(RandomResizedCropAndInterpolation(64, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3),
+                                                                    interpolation="bicubic"))
+    full = RandomResizedCropAndInterpolation(64, scale=(1.0, 1.0), ratio=(4 / 3, 4 / 3), interpolation="bicubic")
+    a = to_np(crop(Image.open(io.BytesIO(data))))  # whole 1024x768 frame -> decoded at 1/8 (128x96)
+    ref = to_np(full(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert a.shape == ref.shape == (64, 64, 3)
+    assert abs(a.astype(float) - ref.astype(float)).mean() <= 4.0  # grey levels of 255: same picture
+
+
+def to_np(img):
+    import numpy as np
+    return np.asarray(img)
+
+
+def test_tar_reader_matches_tarfile_with_long_pax_names():
+    from pretrain.data.loader import iter_samples
+    buf = io.BytesIO()
+    with wds.TarWriter(buf) as w:
+        for i in range(3):
+            w.write({"__key__": f"deep/dir/{'x' * 120}_{i}", "jpg": bytes([i]) * (700 + i), "cls": b"1"})
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        ref = [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+    got = [(f"{k}.{ext}", v) for k, d in iter_samples(io.BytesIO(raw)) for ext, v in d.items()]
+    assert sorted(got) == sorted(ref) and len(got) == 6
+    with pytest.raises(tarfile.ReadError):
+        list(iter_samples(io.BytesIO(raw[:1500])))

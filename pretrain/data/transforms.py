@@ -18,6 +18,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms as T
+from torchvision.transforms.functional import pil_modes_mapping
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **__):
@@ -60,9 +61,9 @@ class AugConfig:
     label_smoothing: float = 0.1
     eval_crop_pct: float = 0.875
     eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
-    # JPEG draft decoding (DCT-domain downscale) while the shorter side stays >= this many pixels;
-    # 0 disables. Training default 2x the crop: RandomResizedCrop's larger crops keep full detail.
-    train_decode_min_side: int = 448
+    # Decode JPEGs at a reduced DCT scale where the result stays >= the output size: per sample from the
+    # random crop in training (DraftRandomResizedCrop), >= the resize size in evaluation.
+    draft_decode: bool = True
     mean: tuple = IMAGENET_DEFAULT_MEAN
     std: tuple = IMAGENET_DEFAULT_STD
 
@@ -80,11 +81,49 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+class DraftRandomResizedCrop:
+    """timm's RandomResizedCrop, fused with JPEG decoding: input is an opened, not yet decoded image.
+
+    The crop box is drawn first (timm's own `get_params`, from the header's size, same random draws),
+    then the JPEG is decoded at the smallest 1/2^k DCT scale that still leaves the crop region at least
+    as large as the output in both dimensions, then one resize from the box. Crop regions smaller than
+    twice the output decode at full size, exactly as before; larger ones skip decoding pixels that the
+    downscale would average away anyway.
+    """
+
+    def __init__(self, rrc):
+        self.rrc = rrc
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        W, H = img.size
+        i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
+        interp = self.rrc.interpolation
+        interp = random.choice(interp) if isinstance(interp, (tuple, list)) else interp
+        out_h, out_w = self.rrc.size
+        if img.format == "JPEG":
+            k = 1
+            while k < 8 and w // (2 * k) >= out_w and h // (2 * k) >= out_h:
+                k *= 2
+            if k > 1:
+                img.draft("RGB", (-(-W // k), -(-H // k)))
+        img = img.convert("RGB")
+        sx, sy = img.size[0] / W, img.size[1] / H
+        box = (j * sx, i * sy, (j + w) * sx, (i + h) * sy)
+        return img.resize((out_w, out_h), pil_modes_mapping[interp], box=box)
+
+
 def train_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Opened (undecoded) image -> augmented uint8 (3, S, S): timm's recipe with decode-aware cropping."""
     primary, secondary, _final = transforms_imagenet_train(
         cfg.img_size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter,
         interpolation=cfg.interpolation, hflip=cfg.hflip, separate=True)
-    return T.Compose([*primary.transforms, *secondary.transforms, to_uint8_tensor])
+    first, *rest = primary.transforms
+    crop = DraftRandomResizedCrop(first) if cfg.draft_decode else T.Compose([_to_rgb, first])
+    return T.Compose([crop, *rest, *secondary.transforms, to_uint8_tensor])
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    return img.convert("RGB")
 
 
 def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
@@ -96,6 +135,8 @@ def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def eval_decode_min_side(cfg: AugConfig) -> int:
+    if not cfg.draft_decode:
+        return 0
     return int(cfg.img_size / cfg.eval_crop_pct) if cfg.eval_crop else cfg.img_size
 
 
