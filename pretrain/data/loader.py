@@ -416,9 +416,12 @@ class ShardLoader:
     def _dataloader(self) -> DataLoader:
         if self._loader is None:
             w = self.cfg.workers
+            # Its own generator: creating an iterator must not draw from the global torch RNG, or a resumed
+            # run's dropout/drop-path streams would shift by one draw against an uninterrupted run.
             self._loader = DataLoader(self.dataset, batch_size=None, num_workers=w,
                                       pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
-                                      persistent_workers=w > 0, prefetch_factor=2 if w else None)
+                                      persistent_workers=w > 0, prefetch_factor=2 if w else None,
+                                      generator=torch.Generator().manual_seed(self.cfg.seed))
         return self._loader
 
     def __iter__(self):

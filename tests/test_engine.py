@@ -1,0 +1,175 @@
+"""The pretraining engine: the real DeepSpeed engine on 2 CPU ranks (gloo, bf16), real shards."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.data.shards import WriteOptions, write_shards
+from pretrain.data.synthetic import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine_data")
+    make_image_folder(str(root / "imgs"), num_classes=8, per_class=16, size=(40, 40))
+    write_shards(WriteOptions(str(root / "imgs"), str(root / "shards"), val_per_class=2, samples_per_shard=14),
+                 progress=False)
+    return str(root / "shards" / "_info.json")
+
+
+def base_config(shards: str, run_dir: Path, **sections) -> dict:
+    cfg = {
+        "run_dir": str(run_dir), "seed": 0,
+        "model": {"variant": "swin_tiny", "img_size": 32, "window_size": 4, "num_classes": 8, "embed_dim": 16,
+                  "depths": [1, 1], "num_heads": [1, 2], "drop_path_rate": 0.1},
+        "data": {"train": shards, "workers": 1, "shuffle_buffer": 32},
+        "aug": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0, "label_smoothing": 0.1},
+        "optim": {"global_batch": 16, "micro_batch": 8, "epochs": 3, "warmup_epochs": 0.5, "base_lr": 0.02,
+                  "warmup_lr": 1e-4, "min_lr": 1e-4, "lr_scale_batch": 16, "precision": "bf16", "zero_stage": 1},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "log": {"every_steps": 1, "tensorboard": False, "progress": False},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+    path = run_dir.parent / f"{run_dir.name}.json"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    return cfg | {"_path": str(path)}
+
+
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True):
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+           "launch/pretrain.py", "--config", cfg["_path"], *args]
+    e = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **dict(env)}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in Path(run_dir, "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # a resumed run appends: later records win
+    return out
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        steps = 18 if stage == 1 else 4
+        cfg = base_config(shards, tmp_path / f"z{stage}", optim={"zero_stage": stage, "max_steps": steps})
+        ok(launch(cfg))
+        runs[stage] = losses(cfg["run_dir"])
+    first = runs[0]
+    for stage in (1, 2, 3):
+        # Same weights and batches: the first loss is identical; later ones differ by bf16 rounding only.
+        assert abs(runs[stage][1] - first[1]) <= 1e-6 * first[1], (stage, runs[stage][1], first[1])
+        for step in (2, 3, 4):
+            assert abs(runs[stage][step] - first[step]) <= 0.02 * first[step], (stage, step)
+    long = runs[1]
+    start = sum(long[s] for s in (1, 2, 3)) / 3
+    end = sum(long[s] for s in (16, 17, 18)) / 3
+    assert end < 0.85 * start, (start, end)  # learns the synthetic classes
+
+
+def test_sigkill_one_rank_then_resume_auto_matches_uninterrupted(shards, tmp_path):
+    ref = base_config(shards, tmp_path / "ref", optim={"max_steps": 12})
+    ok(launch(ref))
+    want = losses(ref["run_dir"])
+    cfg = base_config(shards, tmp_path / "killed", optim={"max_steps": 12})
+    proc = launch(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.4"})
+    pointer = Path(cfg["run_dir"], "checkpoints", "latest_complete")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (pointer.exists() and pointer.read_text() == "step00000004"):
+        time.sleep(0.05)
+    assert pointer.exists(), proc.communicate()[0][-3000:]
+    ranks = subprocess.run(["pgrep", "-f", f"launch/pretrain.py.*{cfg['_path']}"], capture_output=True, text=True)
+    pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
+    assert pids, "no rank processes found"
+    os.kill(max(pids), signal.SIGKILL)  # one rank dies mid-run
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    done_before = max(losses(cfg["run_dir"]))
+    assert done_before < 12
+    resumed = launch(cfg, "--resume", "auto")
+    ok(resumed)
+    assert "resumed from" in resumed.stdout and "step00000004" in resumed.stdout
+    got = losses(cfg["run_dir"])
+    assert sorted(got) == list(range(1, 13))
+    for step in range(5, 13):
+        assert abs(got[step] - want[step]) <= 1e-6 * want[step], (step, got[step], want[step])
+
+
+def test_crash_during_save_keeps_previous_checkpoint_and_resume_needs_one(shards, tmp_path):
+    cfg = base_config(shards, tmp_path / "crash", optim={"max_steps": 10})
+    nothing = launch(cfg, "--resume", "auto")
+    assert nothing.returncode != 0 and "no complete checkpoint" in nothing.stdout + nothing.stderr
+    crashed = launch(cfg, env={"PRETRAIN_INJECT_CRASH_IN_SAVE": "8"})
+    assert crashed.returncode != 0
+    ckpt = Path(cfg["run_dir"], "checkpoints")
+    assert (ckpt / "step00000008").exists() and not (ckpt / "step00000008" / "COMPLETE").exists()
+    assert (ckpt / "latest_complete").read_text() == "step00000007"  # the epoch-end checkpoint (7 per epoch)
+    resumed = launch(cfg, "--resume", "auto")
+    ok(resumed)
+    assert "resumed from" in resumed.stdout and "step00000007" in resumed.stdout
+    assert (ckpt / "latest_complete").read_text() == "step00000010"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000008", "step00000010"]  # keep=2
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
+    cfg = base_config(shards, tmp_path / "shrink", optim={"max_steps": 7})  # 7 updates = 1 epoch on 2 ranks
+    ok(launch(cfg))
+    Path(cfg["_path"]).write_text(json.dumps({**{k: v for k, v in cfg.items() if k != "_path"},
+                                              "optim": {**cfg["optim"], "max_steps": 10}}))
+    one = launch(cfg, "--resume", "auto", ranks=1)
+    ok(one)
+    assert "universal checkpoint for 1 rank" in one.stdout and "resumed from" in one.stdout
+    got = losses(cfg["run_dir"])
+    assert sorted(got) == list(range(1, 11)) and all(v == v and v < 10 for v in got.values())
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(shards, tmp_path):
+    cfg = base_config(shards, tmp_path / "nan", optim={"max_steps": 6})
+    r = launch(cfg, env={"PRETRAIN_INJECT_NAN": "3:1"})
+    ok(r)
+    assert r.stdout.count("non-finite loss before update 3") == 1
+    recs = [json.loads(x) for x in Path(cfg["run_dir"], "metrics.jsonl").read_text().splitlines()]
+    assert recs[-1]["nonfinite_total"] == 1 and recs[-1]["step"] == 6
+    assert all(r["loss"] == r["loss"] for r in recs if "loss" in r)  # no NaN reached the weights
+    stop = base_config(shards, tmp_path / "nan_stop", optim={"max_steps": 6, "max_nonfinite": 2})
+    r = launch(stop, env={"PRETRAIN_INJECT_NAN": "3:0,3:1"})  # rank 0 then rank 1: 2 in a row
+    assert r.returncode != 0 and "2 non-finite losses in a row" in r.stdout + r.stderr
+
+
+def test_bad_configs_name_the_key(tmp_path, shards):
+    cfg = base_config(shards, tmp_path / "bad")
+    with pytest.raises(ConfigError, match="optim.lerning_rate"):
+        load_config(cfg["_path"], ["optim.lerning_rate=1"])
+    with pytest.raises(ConfigError, match="optim.micro_batch: expected int"):
+        load_config(cfg["_path"], ['optim.micro_batch="eight"'])
+    with pytest.raises(ConfigError, match="not a multiple of optim.micro_batch"):
+        load_config(cfg["_path"], ["optim.global_batch=20"])
+    with pytest.raises(ConfigError, match="train_batch_size is derived"):
+        load_config(cfg["_path"], ["deepspeed.train_batch_size=64"])
+    loaded = load_config(cfg["_path"], ["optim.zero_stage=3", "data.workers=2"])
+    assert loaded.optim.zero_stage == 3 and loaded.data.workers == 2
+    with pytest.raises(ConfigError, match=r"multiple of optim.micro_batch \(8\) x world size \(4\)"):
+        loaded.accumulation(4)
+    r = launch(base_config(shards, tmp_path / "bad2", optim={"global_batch": 24}))
+    assert r.returncode == 2 and "x world size (2)" in r.stderr
