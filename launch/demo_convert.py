@@ -5,6 +5,7 @@
 Writes an official-layout 22K checkpoint (random weights: no download here), converts it with
 `python -m pretrain.convert`, loads the result into timm and checks that timm's logits equal ours.
 """
+import _syspath  # noqa: F401  (must come first: see launch/_syspath.py)
 import argparse
 import os
 

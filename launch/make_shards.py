@@ -7,6 +7,7 @@
 SRC: a folder of class folders (fall11_whole/<wnid>/*.JPEG), a folder of <wnid>.tar archives, or parquet
 file(s) with image bytes and a label column. OUT: a local path or fsspec URL (s3://, gs://, ...).
 """
+import _syspath  # noqa: F401  (must come first: see launch/_syspath.py)
 import argparse
 import json
 import sys

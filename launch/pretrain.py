@@ -3,18 +3,15 @@
     deepspeed launch/pretrain.py --config configs/swin_l_22k.json [--set optim.zero_stage=2 ...] [--resume auto]
     DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 launch/pretrain.py --config configs/swin_tiny_cpu.json
 """
+import _syspath  # noqa: F401  (must come first: see launch/_syspath.py)
 import argparse
 import os
 import sys
 
-# This file is named like the `pretrain` package: drop its folder from the path so the package imports.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
+import torch.distributed as dist
 
-import torch.distributed as dist  # noqa: E402
-
-from pretrain.config import ConfigError, load_config  # noqa: E402
-from pretrain.engine import Trainer  # noqa: E402
+from pretrain.config import ConfigError, load_config
+from pretrain.engine import Trainer
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,7 @@ class CheckpointSection:
     dir: str = ""  # default: <run_dir>/checkpoints
     every_steps: int = 1000
     keep: int = 3
+    term_save_budget_s: float = 20.0  # on SIGTERM, save only if the last save took less (Slurm KillWait: 30 s)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class LogSection:
 class TrainConfig:
     run_dir: str = "runs/pretrain"
     seed: int = 0
+    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     aug: AugConfig = field(default_factory=AugConfig)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -18,6 +19,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import CosineLRScheduler
 
 from . import run_checkpoint as rc
+from . import slurm
 from .config import ConfigError, TrainConfig
 from .data.loader import LoaderConfig, ShardLoader, _mix
 from .data.transforms import BatchAugment
@@ -29,6 +31,10 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "L40S
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint on a preemption signal; the exit code says what happened."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -89,7 +95,8 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         self.cfg = cfg
-        deepspeed.init_distributed()
+        slurm.init_env_from_slurm()
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.acc = get_accelerator()
         self.device = torch.device(self.acc.current_device_name())
@@ -130,6 +137,7 @@ class Trainer:
         self.nonfinite_run = 0
         self._metrics = None
         self._tb = None
+        self._last_save_s = 0.0
         if resume:
             self._resume(resume)
         self._inject_nan = self._parse_injection(os.environ.get("PRETRAIN_INJECT_NAN", ""))
@@ -203,6 +211,8 @@ class Trainer:
             with open(os.path.join(self.cfg.run_dir, "config.json"), "w") as f:
                 json.dump(self.cfg.to_dict(), f, indent=1)
         bar = self._progress()
+        self.preempt = slurm.PreemptionFlag()
+        self.preempt.install()
         result: dict = {}
         t_last, imgs = time.time(), 0
         limit = self.updates_per_epoch * self.accum  # micro-batches used per epoch (a partial update's tail is not)
@@ -224,6 +234,7 @@ class Trainer:
                         result.update(self.evaluate())
                     if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < self.total_updates:
                         self.save()
+                    self._check_preemption()
                 if self.step >= self.total_updates or micro >= limit:
                     break
             if micro < limit and self.step >= self.total_updates:
@@ -239,6 +250,29 @@ class Trainer:
             bar.close()
         self._close_logs()
         return result
+
+    def _check_preemption(self) -> None:
+        """All ranks agree on a signal any of them got (USR1 or TERM), at this update boundary."""
+        flag = torch.tensor([float(self.preempt.value)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        code = int(flag.item())
+        if not code:
+            return
+        if code == slurm.PreemptionFlag.USR1:
+            self._log0(f"preemption warning (SIGUSR1) at update {self.step}: checkpointing and requeueing")
+            self.save()
+            if self.rank == 0 and slurm.requeue():
+                self._log0(f"requeued job {os.environ['SLURM_JOB_ID']}; it resumes with --resume auto")
+            self._close_logs()
+            raise Preempted(0)
+        if self._last_save_s <= self.cfg.checkpoint.term_save_budget_s:
+            self._log0(f"SIGTERM at update {self.step}: checkpointing (last save took {self._last_save_s:.1f} s)")
+            self.save()
+        else:
+            self._log0(f"SIGTERM at update {self.step}: no time to checkpoint (last save took "
+                       f"{self._last_save_s:.1f} s > checkpoint.term_save_budget_s)")
+        self._close_logs()
+        raise Preempted(143)
 
     def _micro_step(self, images, labels, epoch: int, micro: int) -> tuple[torch.Tensor, bool]:
         """Forward/backward of one micro-batch; returns (loss, whether an optimizer update happened).
@@ -301,6 +335,7 @@ class Trainer:
         tag = rc.tag_for(self.step)
         if os.path.exists(os.path.join(ckpt_dir, tag, rc.MARKER)):
             return tag
+        t0 = time.time()
         client = {"step": self.step, "world": self.world, "loader": self.train_loader.state_dict(),
                   "nonfinite_total": self.nonfinite_total}
         self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client, save_latest=False)
@@ -315,7 +350,8 @@ class Trainer:
             rc.mark_complete(ckpt_dir, tag, json.dumps(self.cfg.to_dict()))
             rc.prune(ckpt_dir, self.cfg.checkpoint.keep)
         dist.barrier()
-        self._log0(f"saved checkpoint {os.path.join(ckpt_dir, tag)}")
+        self._last_save_s = time.time() - t0
+        self._log0(f"saved checkpoint {os.path.join(ckpt_dir, tag)} ({self._last_save_s:.1f} s)")
         return tag
 
     # ---------------------------------------------------------------------------------- logging
@@ -375,3 +411,4 @@ class Trainer:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        self._metrics = self._tb = None

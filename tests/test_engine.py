@@ -82,10 +82,41 @@ def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
         assert abs(runs[stage][1] - first[1]) <= 1e-6 * first[1], (stage, runs[stage][1], first[1])
         for step in (2, 3, 4):
             assert abs(runs[stage][step] - first[step]) <= 0.02 * first[step], (stage, step)
+    check_export(tmp_path / "z3")  # consolidating ZeRO-3 partitions
     long = runs[1]
     start = sum(long[s] for s in (1, 2, 3)) / 3
     end = sum(long[s] for s in (16, 17, 18)) / 3
     assert end < 0.85 * start, (start, end)  # learns the synthetic classes
+
+
+def check_export(run_dir: Path) -> None:
+    import torch
+
+    from pretrain.checkpoint import load_pretrained
+    from pretrain.config import TrainConfig, from_dict
+    from pretrain.engine import model_from_section
+    r = subprocess.run([sys.executable, "launch/export.py", str(run_dir)], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    ok(r)
+    files = sorted(Path(run_dir, "export").glob("*.safetensors"))
+    assert [f.name.split(".")[-2] for f in files] == ["official", "ours", "timm"]
+    cfg = from_dict(TrainConfig, json.loads(Path(run_dir, "config.json").read_text()))
+    states = []
+    for f in files:
+        model = model_from_section(cfg)
+        assert load_pretrained(model, str(f)).layout == f.name.split(".")[-2]
+        states.append(model.state_dict())
+    for k, v in states[0].items():
+        assert v.dtype == torch.float32 and torch.equal(v, states[1][k]) and torch.equal(v, states[2][k])
+
+
+def test_shipped_configs_load_with_the_official_recipe():
+    for name in ("t", "s", "b", "l"):
+        cfg = load_config(str(REPO / "configs" / f"swin_{name}_22k.json"))
+        assert cfg.lr == pytest.approx(1e-3) and cfg.optim.global_batch == 4096
+        assert cfg.model.num_classes == 21841 and cfg.optim.clip_grad == 5.0 and cfg.optim.epochs == 90
+        assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.optim.precision == "bf16"
+    assert load_config(str(REPO / "configs" / "swin_tiny_cpu.json")).model.img_size == 64
 
 
 def test_sigkill_one_rank_then_resume_auto_matches_uninterrupted(shards, tmp_path):

@@ -37,6 +37,7 @@ from PIL import Image
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..slurm import ignore_signals_in_worker
 from .transforms import AugConfig, decode, eval_decode_min_side, eval_transform, seeded, train_transform
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,8 @@ class ShardLoader:
             self._loader = DataLoader(self.dataset, batch_size=None, num_workers=w,
                                       pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                                       persistent_workers=w > 0, prefetch_factor=2 if w else None,
-                                      generator=torch.Generator().manual_seed(self.cfg.seed))
+                                      generator=torch.Generator().manual_seed(self.cfg.seed),
+                                      worker_init_fn=ignore_signals_in_worker if w else None)
         return self._loader
 
     def __iter__(self):

@@ -1,0 +1,7 @@
+"""Imported first by every script here: `launch/pretrain.py` is named like the `pretrain` package, and
+Python puts this folder first on sys.path, so `import pretrain` would find the script. Drop the folder."""
+import os
+import sys
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _here]
