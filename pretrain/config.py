@@ -20,73 +20,73 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    variant: str = "swin_base"
-    img_size: int = 224
-    window_size: int = 7
-    num_classes: int = 21841
-    drop_path_rate: float = 0.2
-    ape: bool = False
-    grad_checkpointing: bool = False
-    attn_impl: str = "auto"
-    embed_dim: Optional[int] = None  # set these three to build a custom (e.g. tiny test) architecture
-    depths: Optional[list[int]] = None
-    num_heads: Optional[list[int]] = None
+    variant: str = "swin_base"  # swin_tiny | swin_small | swin_base | swin_large
+    img_size: int = 224  # input resolution (square)
+    window_size: int = 7  # attention window; shrinks to a stage's resolution where that is smaller
+    num_classes: int = 21841  # classifier outputs; 0 builds a feature extractor
+    drop_path_rate: float = 0.2  # stochastic depth at the last block (linear from 0)
+    ape: bool = False  # absolute position embedding (off in all released Swin models)
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more compute)
+    attn_impl: str = "auto"  # auto (sdpa on CUDA, math elsewhere) | sdpa | math
+    embed_dim: Optional[int] = None  # with depths and num_heads: a custom architecture instead of the variant's
+    depths: Optional[list[int]] = None  # blocks per stage, e.g. [2, 2, 18, 2]
+    num_heads: Optional[list[int]] = None  # attention heads per stage, e.g. [4, 8, 16, 32]
 
 
 @dataclass
 class DataSection:
     train: str = ""  # the training shards' _info.json (local path or fsspec URL)
     val: str = ""  # validation shards' _info.json; empty: no evaluation
-    train_split: str = "train"
-    val_split: str = "validation"
-    workers: int = 8
-    shuffle_buffer: int = 2000
-    allow_pipe: bool = False
-    max_corrupt: int = 100
-    on_bad_shard: str = "fatal"
-    retries: int = 3
+    train_split: str = "train"  # split name in _info.json
+    val_split: str = "validation"  # split name in _info.json
+    workers: int = 8  # DataLoader worker processes per rank
+    shuffle_buffer: int = 2000  # samples per worker shuffle buffer
+    allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run a shell command)
+    max_corrupt: int = 100  # corrupt samples per rank and epoch before the run fails
+    on_bad_shard: str = "fatal"  # fatal | skip: an unreadable shard after the retries
+    retries: int = 3  # attempts to read a shard, with exponential backoff
 
 
 @dataclass
 class OptimSection:
     global_batch: int = 4096  # images per optimizer update, all ranks together
     micro_batch: int = 64  # images per rank per forward/backward
-    epochs: int = 90
-    warmup_epochs: float = 5.0
+    epochs: int = 90  # training length
+    warmup_epochs: float = 5.0  # linear warm-up from warmup_lr, then cosine to min_lr
     max_steps: int = 0  # stop after this many optimizer updates (0: run all epochs)
     base_lr: float = 1.25e-4  # per lr_scale_batch images; scaled linearly with global_batch
-    warmup_lr: float = 1.25e-7
-    min_lr: float = 1.25e-6
-    lr_scale_batch: int = 512
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
+    warmup_lr: float = 1.25e-7  # per lr_scale_batch images, scaled like base_lr
+    min_lr: float = 1.25e-6  # per lr_scale_batch images, scaled like base_lr
+    lr_scale_batch: int = 512  # the batch size base_lr, warmup_lr and min_lr are given for
+    weight_decay: float = 0.05  # AdamW; not on norms, biases, position tables
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     clip_grad: float = 5.0  # set explicitly: DeepSpeed >= 0.19.3 defaults to 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
     max_nonfinite: int = 10  # this many non-finite losses in a row stop the run
 
 
 @dataclass
 class CheckpointSection:
-    dir: str = ""  # default: <run_dir>/checkpoints
-    every_steps: int = 1000
-    keep: int = 3
+    dir: str = ""  # default: <run_dir>/checkpoints (any local path)
+    every_steps: int = 1000  # checkpoint every N updates (and at every epoch end)
+    keep: int = 3  # complete checkpoints kept
     term_save_budget_s: float = 20.0  # on SIGTERM, save only if the last save took less (Slurm KillWait: 30 s)
 
 
 @dataclass
 class LogSection:
-    every_steps: int = 10
+    every_steps: int = 10  # metrics every N updates (metrics.jsonl, TensorBoard, progress bar)
     eval_every_steps: int = 0  # 0: at the end of every epoch
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # also write <run_dir>/tb
+    progress: bool = True  # progress bar on rank 0
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/pretrain"
-    seed: int = 0
+    run_dir: str = "runs/pretrain"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
+    seed: int = 0  # data order, augmentation and initialization
     dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -217,3 +217,49 @@ def validate(cfg: TrainConfig) -> None:
     if clash:
         raise ConfigError(f"deepspeed.{sorted(clash)[0]} is derived from optim.global_batch and "
                           "optim.micro_batch: set those instead")
+
+
+# ------------------------------------------------------------------------------------ reference docs
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # comment` lines of a dataclass's source: the comment is the key's help."""
+    import inspect
+    import re
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+(?:= .*?)?\s+# (.*)$", line)
+        if m:
+            out[m[1]] = m[2].strip()
+    return out
+
+
+def reference_markdown(extra: tuple = ()) -> str:
+    """The config reference (docs/config.md), generated from the schema so it can't drift.
+    `extra`: more (dataclass, prefix) sections, e.g. fine-tuning's."""
+    lines = ["# Config reference", "",
+             "Generated by `python -m finetune.config > docs/config.md` from `pretrain/config.py` (pretraining) and",
+             "`finetune/config.py` (fine-tuning adds the `finetune` section). Every key, its type, its default.",
+             "Override any of them with `--set section.key=value`.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        comments = _field_comments(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tname = str(tp).replace("typing.", "") if typing.get_origin(tp) else tp.__name__
+            rows.append(f"| `{prefix}{f.name}` | {tname} | `{json.dumps(default)}` | {comments.get(f.name, '')} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |",
+                          "|---|---|---|---|", *rows, ""])
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                section(hints[f.name], f"{prefix}{f.name}.")
+
+    section(TrainConfig, "")
+    for cls, prefix in extra:
+        section(cls, prefix)
+    return "\n".join(lines)

@@ -80,6 +80,13 @@ def model_from_section(cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
+def topk_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, samples] over the valid entries of a batch (float64, for all-reduce)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()]).double()
+
+
 def forward_flops(model: torch.nn.Module, img_size: int) -> float:
     """FLOPs of one forward pass on one image (torch's FLOP counter on the CPU model)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -138,6 +145,7 @@ class Trainer:
         self._metrics = None
         self._tb = None
         self._last_save_s = 0.0
+        self._last_eval_step = -1
         if resume:
             self._resume(resume)
         self._inject_nan = self._parse_injection(os.environ.get("PRETRAIN_INJECT_NAN", ""))
@@ -245,6 +253,8 @@ class Trainer:
                 result.update(self.evaluate())
             if self.step < self.total_updates:
                 self.save()
+        if self.val_loader is not None and self._last_eval_step != self.step:
+            result.update(self.evaluate())  # a run that stops mid-epoch still reports its final accuracy
         self.save()
         if bar is not None:
             bar.close()
@@ -312,19 +322,13 @@ class Trainer:
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # top1, top5, count
         for images, labels, valid in self.val_loader:
             x, y = self.eval_augment(images, labels)
-            logits = self.engine(x.to(self.dtype)).float()
-            valid = valid.to(self.device)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            hit = top.eq(y.view(-1, 1))
-            sums[0] += (hit[:, 0] & valid).sum()
-            sums[1] += (hit.any(1) & valid).sum()
-            sums[2] += valid.sum()
+            sums += topk_counts(self.engine(x.to(self.dtype)).float(), y, valid.to(self.device))
         dist.all_reduce(sums)
         n = max(sums[2].item(), 1.0)
         metrics = {"val_top1": 100 * sums[0].item() / n, "val_top5": 100 * sums[1].item() / n,
                    "val_samples": int(sums[2].item())}
         self._write_metrics({"step": self.step, **metrics})
+        self._last_eval_step = self.step
         self._log0(f"eval at update {self.step}: top-1 {metrics['val_top1']:.2f}%  top-5 "
                    f"{metrics['val_top5']:.2f}%  ({metrics['val_samples']} images)")
         return metrics

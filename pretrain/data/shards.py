@@ -332,8 +332,9 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(j.items) for j in todo), unit="img", desc="writing shards", smoothing=0.1)
     if todo:
-        ctx = get_context("spawn" if opts.workers > 1 else "fork")
-        with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+        # fork: workers inherit the parent's imports and path (a spawned child would re-run the caller's
+        # script, which breaks for scripts that edit sys.path, like launch/*.py).
+        with get_context("fork").Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
             for name, n, _ in pool.imap_unordered(write_shard, todo):
                 if bar:
                     bar.update(n)

@@ -48,24 +48,23 @@ _patch_timm_posterize()
 @dataclass
 class AugConfig:
     """Official Swin recipe defaults."""
-    img_size: int = 224
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    interpolation: str = "bicubic"
-    hflip: float = 0.5
-    re_prob: float = 0.25
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    eval_crop_pct: float = 0.875
+    img_size: int = 224  # set from model.img_size
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null: off
+    color_jitter: float = 0.4  # timm applies it only when auto_augment is off
+    interpolation: str = "bicubic"  # resize interpolation (timm names)
+    hflip: float = 0.5  # horizontal flip probability
+    re_prob: float = 0.25  # random erasing probability (on the device)
+    mixup: float = 0.8  # Mixup alpha; 0 with cutmix 0 turns mixing off
+    cutmix: float = 1.0  # CutMix alpha
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # on the (mixed) targets
+    eval_crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
     eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
-    # Decode JPEGs at a reduced DCT scale where the result stays >= the output size: per sample from the
-    # random crop in training (DraftRandomResizedCrop), >= the resize size in evaluation.
-    draft_decode: bool = True
-    mean: tuple = IMAGENET_DEFAULT_MEAN
-    std: tuple = IMAGENET_DEFAULT_STD
+    # Per sample from the random crop in training (DraftRandomResizedCrop), from the resize in evaluation.
+    draft_decode: bool = True  # decode JPEGs at a reduced DCT scale where the result stays >= the output size
+    mean: tuple = IMAGENET_DEFAULT_MEAN  # normalization, on the device
+    std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
 
 
 def decode(data: bytes, min_side: int = 0) -> Image.Image:

@@ -1,0 +1,27 @@
+# Quick start: `make demo` (the whole pipeline on a generated dataset) and `make test` (the suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test docs
+
+install: $(VENV)/.installed
+
+# torch first: on x86-64 Linux this is a CUDA build that also runs on the CPU; bring your own CUDA build
+# elsewhere (pip install torch) before `make`.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: install
+	$(PY) launch/demo.py
+
+# tests/test_slurm.py needs a Slurm cluster: .ci/slurm_up.sh starts one on localhost (as root).
+test: install
+	bash .ci/slurm_up.sh
+	$(PY) -m pytest -q
+
+docs: install
+	$(PY) -m finetune.config > docs/config.md

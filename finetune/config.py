@@ -1,0 +1,109 @@
+"""Fine-tuning config: the pretraining sections plus `finetune` (weights to start from, lr decay, EMA)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pretrain.config import (CheckpointSection, ConfigError, DataSection, LogSection, ModelSection, OptimSection,
+                             apply_override, from_dict)
+from pretrain.data.transforms import AugConfig
+
+
+@dataclass
+class FinetuneSection:
+    pretrained: str = ""  # our run/checkpoint dir, an exported .safetensors, an official .pth, timm weights; URL ok
+    reset_head: bool = False  # zero-initialize the classifier instead of loading/mapping it
+    allow_pickle: bool = False  # load .pth files holding more than tensors (runs pickle: trusted files only)
+    layer_decay: float = 1.0  # < 1: layer-wise lr decay (deeper blocks get larger lr)
+    ema_decay: float = 0.0  # > 0: keep an EMA of the weights, evaluated and exported beside the model
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.run_dir.rstrip('/')}/checkpoints"
+
+    @property
+    def lr(self) -> float:
+        return self.optim.base_lr * self.optim.global_batch / self.optim.lr_scale_batch
+
+    def accumulation(self, world: int) -> int:
+        o = self.optim
+        if o.global_batch % (o.micro_batch * world):
+            raise ConfigError(f"optim.global_batch={o.global_batch} is not a multiple of optim.micro_batch "
+                              f"({o.micro_batch}) x processes ({world}); change one of them")
+        return o.global_batch // (o.micro_batch * world)
+
+
+def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
+    with open(path) as f:
+        data = json.load(f)
+    for o in overrides:
+        apply_override(data, o)
+    cfg = from_dict(FinetuneConfig, data)
+    if cfg.optim.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"optim.precision must be bf16, fp16 or fp32, got {cfg.optim.precision!r}")
+    if not 0 < cfg.finetune.layer_decay <= 1:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {cfg.finetune.layer_decay}")
+    if not 0 <= cfg.finetune.ema_decay < 1:
+        raise ConfigError(f"finetune.ema_decay must be in [0, 1), got {cfg.finetune.ema_decay}")
+    cfg.aug.img_size = cfg.model.img_size
+    return cfg
+
+
+def missing_inputs(cfg: FinetuneConfig, eval_only: bool, resuming: bool) -> list[str]:
+    """What the run still needs, phrased as the flag that provides it."""
+    out = []
+    if not cfg.finetune.pretrained and not resuming:
+        out.append("--pretrained PATH_OR_URL (our run dir or export, an official .pth, timm weights)")
+    if not eval_only and not (cfg.data.train and cfg.data.val):
+        out.append("--data DIR_OR_URL (shards with _info.json: 'train' and 'validation' splits)")
+    elif eval_only and not cfg.data.val:
+        out.append("--data DIR_OR_URL (shards with _info.json; its 'validation' split is evaluated)")
+    return out
+
+
+def with_flags(cfg: FinetuneConfig, res: Optional[int], window: Optional[int], pretrained: Optional[str],
+               data: Optional[str], num_classes: Optional[int], epochs: Optional[int], batch_size: Optional[int],
+               output: Optional[str]) -> FinetuneConfig:
+    if res:
+        cfg.model.img_size = cfg.aug.img_size = res
+        cfg.model.window_size = window or max(1, res // 32)
+    elif window:
+        cfg.model.window_size = window
+    if pretrained:
+        cfg.finetune.pretrained = pretrained
+    if data:
+        info = data if data.endswith(".json") else data.rstrip("/") + "/_info.json"
+        cfg.data.train = cfg.data.val = info
+    if num_classes is not None:
+        cfg.model.num_classes = num_classes
+    if epochs:
+        cfg.optim.epochs = epochs
+    if batch_size:
+        cfg.optim.global_batch = batch_size
+        cfg.optim.micro_batch = min(cfg.optim.micro_batch, batch_size)
+    if output:
+        cfg.run_dir = output
+    return cfg
+
+
+if __name__ == "__main__":
+    from pretrain.config import reference_markdown
+    print(reference_markdown(extra=((FinetuneSection, "finetune."),)))

@@ -1,0 +1,59 @@
+"""Fine-tune a pretrained Swin at a new resolution and window, then evaluate (or only evaluate).
+
+    python finetune/run.py --res 384 --pretrained swin_base_patch4_window7_224_22k.pth --data shards/
+    torchrun --nproc_per_node 8 finetune/run.py --config configs/finetune/swin_l_22kto1k_384.json --data ...
+    python finetune/run.py --res 384 --eval-only --pretrained released_384.pth --data val_shards/
+
+Without --config: configs/finetune/swin_b_22kto1k_{384 or 224}.json. The window defaults to res/32.
+"""
+import argparse
+import os
+import sys
+
+from finetune.config import load_finetune_config, missing_inputs, with_flags
+from pretrain.config import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--res", type=int, help="input resolution (default: the config's)")
+    p.add_argument("--window", type=int, help="attention window (default: res/32, so 12 at 384)")
+    p.add_argument("--pretrained", help="our run dir or export, an official .pth, timm weights; path or URL")
+    p.add_argument("--data", help="shard folder or _info.json with 'train' and 'validation' splits")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (all processes)")
+    p.add_argument("--config", help="JSON config (configs/finetune/*.json)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--output", help="run dir (checkpoints, metrics, export)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the weights at --res and stop")
+    p.add_argument("--resume", choices=["auto"], help="continue the run in --output from its newest checkpoint")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
+    try:
+        cfg = with_flags(load_finetune_config(config, a.set), a.res, a.window, a.pretrained, a.data,
+                         a.num_classes, a.epochs, a.batch_size, a.output)
+        missing = missing_inputs(cfg, a.eval_only, bool(a.resume))
+        if missing:
+            print(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window {cfg.model.window_size}) "
+                  "still needs:\n  " + "\n  ".join(missing), file=sys.stderr)
+            return 2
+        from finetune.trainer import FinetuneRunner
+        runner = FinetuneRunner(cfg, resume=a.resume)
+        result = runner.eval_only() if a.eval_only else runner.fit()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

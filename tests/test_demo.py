@@ -1,0 +1,31 @@
+"""The README's main job, `launch/demo.py`, at a smaller size, and the docs generated from code."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "launch/demo.py", "--out", str(out), "--pretrain-steps", "6", "--finetune-epochs", "1"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for line in ("[5/5] results", "pretraining  top-1", "fine-tuned   top-1", "on 80 images"):
+        assert line in first.stdout, first.stdout[-2000:]
+    assert (out / "demo_curves.png").stat().st_size > 10_000
+    assert len(list((out / "swin_tiny_cpu" / "export").glob("*.safetensors"))) == 3
+    assert len(list((out / "swin_tiny_cpu_ft" / "export").glob("finetuned.*.safetensors"))) == 3
+    assert (out / "swin_tiny_cpu" / "metrics.jsonl").exists() and (out / "swin_tiny_cpu_ft" / "config.json").exists()
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "10 shard(s) were already there" in second.stdout
+    assert second.stdout.count("continuing the finished run") == 2
+
+
+def test_config_reference_is_generated_from_the_schema():
+    generated = subprocess.run([sys.executable, "-m", "finetune.config"], cwd=REPO, capture_output=True,
+                               text=True).stdout
+    assert (REPO / "docs" / "config.md").read_text() == generated, "run `make docs` to regenerate docs/config.md"
+    assert "| `optim.zero_stage` | int | `1` | DeepSpeed ZeRO stage 0..3 |" in generated
+    assert "`finetune.layer_decay`" in generated
