@@ -1,14 +1,11 @@
 """Fine-tuning config: the pretraining sections plus `finetune` (weights to start from, lr decay, EMA)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import (CheckpointSection, ConfigError, DataSection, LogSection, ModelSection, OptimSection,
-                             apply_override, from_dict)
-from pretrain.data.transforms import AugConfig
+from pretrain.config import ConfigError, RunConfig, apply_override, from_dict
 
 
 @dataclass
@@ -21,34 +18,8 @@ class FinetuneSection:
 
 
 @dataclass
-class FinetuneConfig:
-    run_dir: str = "runs/finetune"
-    seed: int = 0
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: OptimSection = field(default_factory=OptimSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
+class FinetuneConfig(RunConfig):
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or f"{self.run_dir.rstrip('/')}/checkpoints"
-
-    @property
-    def lr(self) -> float:
-        return self.optim.base_lr * self.optim.global_batch / self.optim.lr_scale_batch
-
-    def accumulation(self, world: int) -> int:
-        o = self.optim
-        if o.global_batch % (o.micro_batch * world):
-            raise ConfigError(f"optim.global_batch={o.global_batch} is not a multiple of optim.micro_batch "
-                              f"({o.micro_batch}) x processes ({world}); change one of them")
-        return o.global_batch // (o.micro_batch * world)
 
 
 def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:

@@ -84,17 +84,16 @@ class LogSection:
 
 
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The sections a pretraining and a fine-tuning run share."""
     run_dir: str = "runs/pretrain"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
     seed: int = 0  # data order, augmentation and initialization
-    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     aug: AugConfig = field(default_factory=AugConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,6 +113,12 @@ class TrainConfig:
     @property
     def lr(self) -> float:
         return self.optim.base_lr * self.optim.global_batch / self.optim.lr_scale_batch
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
+    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -226,10 +231,11 @@ def _field_comments(cls: type) -> dict[str, str]:
     import inspect
     import re
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^=]+(?:= .*?)?\s+# (.*)$", line)
-        if m:
-            out[m[1]] = m[2].strip()
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        for line in inspect.getsource(klass).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+(?:= .*?)?\s+# (.*)$", line)
+            if m:
+                out[m[1]] = m[2].strip()
     return out
 
 
