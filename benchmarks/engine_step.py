@@ -134,7 +134,7 @@ def memory(a) -> None:
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     for variant in a.variants:
-        for stage in (0, 1, 2, 3):
+        for stage in a.stages:
             cfg = TrainConfig(model=ModelSection(variant=variant, num_classes=21841))
             cfg.optim.global_batch, cfg.optim.micro_batch, cfg.optim.zero_stage = world, 1, stage
             model = model_from_section(cfg)
@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["swin_base", "swin_large"])
+    p.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3], help="memory: ZeRO stages")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
     speed(a) if a.mode == "speed" else memory(a)
