@@ -125,7 +125,11 @@ class FinetuneRunner:
         else:
             self.load_weights()
         model = self.acc.prepare(self.model)
-        metrics = self.evaluate(model, self._loader(self.cfg.data.val_split, training=False))
+        val = self._loader(self.cfg.data.val_split, training=False)
+        try:
+            metrics = self.evaluate(model, val)
+        finally:
+            val.close()
         self.print(f"eval at {self.cfg.model.img_size}px, window {self.cfg.model.window_size}: top-1 "
                    f"{metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['samples']} images)")
         return metrics
@@ -144,6 +148,14 @@ class FinetuneRunner:
         if not self.resume:
             self.load_weights()
         train, val = self._loader(cfg.data.train_split, True), self._loader(cfg.data.val_split, False)
+        try:
+            return self._fit(train, val)
+        finally:  # loader workers ignore SIGTERM: stop them through the DataLoader on every exit
+            train.close()
+            val.close()
+
+    def _fit(self, train: ShardLoader, val: ShardLoader) -> dict:
+        cfg, o = self.cfg, self.cfg.optim
         updates_per_epoch = len(train) // self.accum
         if updates_per_epoch < 1:
             raise ValueError(f"an epoch has {len(train)} micro-batches per process, fewer than one update "

@@ -214,6 +214,14 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- training
     def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:  # on every exit (done, preempted, failed): stop loader workers, which ignore SIGTERM
+            self.train_loader.close()
+            if self.val_loader is not None:
+                self.val_loader.close()
+
+    def _fit(self) -> dict:
         os.makedirs(self.cfg.run_dir, exist_ok=True)
         if self.rank == 0:
             with open(os.path.join(self.cfg.run_dir, "config.json"), "w") as f:

@@ -147,6 +147,10 @@ def requeue() -> bool:
 
 
 def ignore_signals_in_worker(_worker_id: int = 0) -> None:
-    """DataLoader workers: Slurm signals every process of the step; only the trainer acts on them."""
+    """DataLoader workers: Slurm signals every process of the step; only the trainer acts on them.
+
+    A worker killed by TERM would make PyTorch raise in the trainer at once, before it can checkpoint.
+    Workers ignoring TERM must be shut down through the DataLoader (`ShardLoader.close()`), which the
+    trainers do on every exit path; multiprocessing's exit-time terminate() would wait for them forever."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the trainer shuts its workers down itself
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,6 +1,7 @@
 """The pretraining engine: the real DeepSpeed engine on 2 CPU ranks (gloo, bf16), real shards."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,3 +205,24 @@ def test_bad_configs_name_the_key(tmp_path, shards):
         loaded.accumulation(4)
     r = launch(base_config(shards, tmp_path / "bad2", optim={"global_batch": 24}))
     assert r.returncode == 2 and "x world size (2)" in r.stderr
+
+
+def test_sigterm_checkpoints_and_exits_nonzero(shards, tmp_path):
+    cfg = base_config(shards, tmp_path / "term", optim={"max_steps": 14}, checkpoint={"every_steps": 100})
+    proc = launch(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.4"})
+    metrics = Path(cfg["run_dir"], "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and len(losses(cfg["run_dir"])) >= 3):
+        time.sleep(0.1)
+    # the rank processes and their loader workers, not the launcher (as srun delivers scancel's TERM)
+    ranks = subprocess.run(["pgrep", "-f", f"launch/pretrain.py --local_rank=.*{cfg['_path']}"],
+                           capture_output=True, text=True)
+    assert ranks.stdout.split(), "no rank processes found"
+    for pid in [int(p) for p in ranks.stdout.split()]:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    m = re.search(r"SIGTERM at update (\d+): checkpointing", out)
+    assert m, out[-3000:]
+    pointer = Path(cfg["run_dir"], "checkpoints", "latest_complete")
+    assert pointer.read_text() == "step%08d" % int(m[1]) and int(m[1]) < 14

@@ -453,6 +453,13 @@ class ShardLoader:
                  torch.zeros(1, dtype=torch.bool))
         return batch + ([""],) if self.cfg.return_keys else batch
 
+    def close(self) -> None:
+        """Stop the worker processes (gracefully, through the DataLoader's queues)."""
+        it = getattr(self._loader, "_iterator", None) if self._loader is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._loader = None
+
     @property
     def corrupt_samples(self) -> int:
         """Corrupt samples skipped on this rank in the current epoch."""
