@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from multiprocessing import get_context
-from typing import Iterator, Optional
+from typing import Optional
 
 import fsspec
 import pyarrow as pa
@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ..io import read_bytes, write_bytes_atomic
+from .loader import iter_samples
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
@@ -390,24 +391,6 @@ def write_manifest(out: str, jobs: list[ShardJob], classes: list[str]) -> dict:
 
 # ------------------------------------------------------------------------------------------- verify
 
-def iter_tar_samples(data: bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive members of one key; raises tarfile.ReadError when cut."""
-    cur_key, cur = None, {}
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = os.path.basename(m.name).partition(".")
-            key = os.path.join(os.path.dirname(m.name), key)
-            if key != cur_key and cur:
-                yield cur_key, cur
-                cur = {}
-            cur_key = key
-            cur[ext] = tf.extractfile(m).read()
-    if cur:
-        yield cur_key, cur
-
-
 def verify_shards(out: str) -> dict:
     """Check every shard against `_info.json`: readable, complete, decodable, labelled."""
     info = json.loads(read_bytes(_join(out, "_info.json")))
@@ -417,7 +400,7 @@ def verify_shards(out: str) -> dict:
         for name, expected in zip(s["filenames"], s["shard_lengths"]):
             problems, n = [], 0
             try:
-                for key, sample in iter_tar_samples(read_bytes(_join(out, name))):
+                for key, sample in iter_samples(io.BytesIO(read_bytes(_join(out, name)))):
                     n += 1
                     if "jpg" not in sample or "cls" not in sample:
                         problems.append(f"{key}: missing {'jpg' if 'jpg' not in sample else 'cls'}")
