@@ -17,9 +17,9 @@ from timm.scheduler import CosineLRScheduler
 
 from pretrain import run_checkpoint as rc
 from pretrain.checkpoint import export, load_pretrained
-from pretrain.data.loader import LoaderConfig, ShardLoader, _mix
+from pretrain.data.loader import ShardLoader, _mix
 from pretrain.data.transforms import BatchAugment
-from pretrain.engine import model_from_section, topk_counts
+from pretrain.engine import loader_config, model_from_section, topk_counts
 
 from .config import FinetuneConfig
 
@@ -87,11 +87,8 @@ class FinetuneRunner:
 
     # ------------------------------------------------------------------------------------------ setup
     def _loader(self, split: str, training: bool) -> ShardLoader:
-        d, o = self.cfg.data, self.cfg.optim
-        lc = LoaderConfig(d.train if training else d.val, split=split, batch_size=o.micro_batch, workers=d.workers,
-                          seed=self.cfg.seed, shuffle_buffer=d.shuffle_buffer, allow_pipe=d.allow_pipe,
-                          max_corrupt=d.max_corrupt, on_bad_shard=d.on_bad_shard, retries=d.retries, aug=self.cfg.aug)
-        return ShardLoader(lc, self.rank, self.world, training=training)
+        source = self.cfg.data.train if training else self.cfg.data.val
+        return ShardLoader(loader_config(self.cfg, source, split), self.rank, self.world, training=training)
 
     def load_weights(self) -> None:
         ft = self.cfg.finetune

@@ -20,7 +20,7 @@ from timm.scheduler import CosineLRScheduler
 
 from . import run_checkpoint as rc
 from . import slurm
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, RunConfig, TrainConfig
 from .data.loader import LoaderConfig, ShardLoader, _mix
 from .data.transforms import BatchAugment
 from .models import build_model
@@ -69,6 +69,14 @@ def _merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def loader_config(cfg: RunConfig, source: str, split: str) -> LoaderConfig:
+    """The shard loader's settings for one split of a run (micro-batch per rank, the run's augmentation)."""
+    d = cfg.data
+    return LoaderConfig(source, split=split, batch_size=cfg.optim.micro_batch, workers=d.workers, seed=cfg.seed,
+                        shuffle_buffer=d.shuffle_buffer, allow_pipe=d.allow_pipe, max_corrupt=d.max_corrupt,
+                        on_bad_shard=d.on_bad_shard, retries=d.retries, aug=cfg.aug)
 
 
 def model_from_section(cfg: TrainConfig) -> torch.nn.Module:
@@ -120,9 +128,9 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                     config=deepspeed_config(cfg, self.world))
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[o.precision]
-        self.train_loader = ShardLoader(self._loader_cfg(cfg.data.train, cfg.data.train_split), self.rank,
+        self.train_loader = ShardLoader(loader_config(cfg, cfg.data.train, cfg.data.train_split), self.rank,
                                         self.world, training=True)
-        self.val_loader = (ShardLoader(self._loader_cfg(cfg.data.val, cfg.data.val_split), self.rank, self.world,
+        self.val_loader = (ShardLoader(loader_config(cfg, cfg.data.val, cfg.data.val_split), self.rank, self.world,
                                        training=False) if cfg.data.val else None)
         self.updates_per_epoch = len(self.train_loader) // self.accum
         if self.updates_per_epoch < 1:
@@ -152,12 +160,6 @@ class Trainer:
         self._inject_sleep = float(os.environ.get("PRETRAIN_INJECT_SLEEP_S", "0"))  # tests: slow steps down
 
     # ------------------------------------------------------------------------------------- setup
-    def _loader_cfg(self, source: str, split: str) -> LoaderConfig:
-        d, o = self.cfg.data, self.cfg.optim
-        return LoaderConfig(source, split=split, batch_size=o.micro_batch, workers=d.workers, seed=self.cfg.seed,
-                            shuffle_buffer=d.shuffle_buffer, allow_pipe=d.allow_pipe, max_corrupt=d.max_corrupt,
-                            on_bad_shard=d.on_bad_shard, retries=d.retries, aug=self.cfg.aug)
-
     @staticmethod
     def _parse_injection(spec: str) -> list:
         """Fault injection for tests: PRETRAIN_INJECT_NAN="update:rank,..." makes `rank`'s loss NaN on one
