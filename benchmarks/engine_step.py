@@ -75,7 +75,9 @@ def time_ddp(trainer: Trainer, model, opt, it, steps: int) -> list[float]:
 
 
 def speed(a) -> None:
-    trainer = Trainer(tiny_config(a.shards, a.variant, a.img, a.stage, a.micro, a.precision))
+    cfg = tiny_config(a.shards, a.variant, a.img, a.stage, a.micro, a.precision)
+    cfg.deepspeed = json.loads(a.ds)
+    trainer = Trainer(cfg)
     torch.manual_seed(0)
     base = model_from_section(trainer.cfg).to(trainer.device)
     ddp = torch.nn.parallel.DistributedDataParallel(base)
@@ -90,7 +92,7 @@ def speed(a) -> None:
     if trainer.rank == 0:
         me, mp_ = statistics.median(eng), statistics.median(plain)
         print(json.dumps({"variant": a.variant, "img": a.img, "micro_batch": a.micro, "zero_stage": a.stage,
-                          "precision": a.precision,
+                          "precision": a.precision, "ds": json.loads(a.ds),
                           "world": trainer.world, "engine_s": me, "ddp_s": mp_, "engine_over_ddp": me / mp_}))
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--stage", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--ds", default="{}", help="speed: JSON merged into the DeepSpeed config")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
