@@ -167,19 +167,12 @@ def deal(shards: list[tuple[str, Optional[int]]], bins: int) -> list[list[tuple[
     return out
 
 
-@dataclass
-class Stats:
-    corrupt_shards: set = field(default_factory=set)
-    bad_shards: list = field(default_factory=list)
-    short_shards: list = field(default_factory=list)
-
-
 # ----------------------------------------------------------------------------------------- dataset
 
 class ShardStream(IterableDataset):
     """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,)."""
 
-    def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool, num_classes: int = 0):
+    def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool):
         self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
         self.shards = resolve_shards(cfg.source, cfg.split)
         if (training or world > 1) and any(n is None for _, n in self.shards):
@@ -195,7 +188,7 @@ class ShardStream(IterableDataset):
         aug = cfg.aug
         self.transform = train_transform(aug) if training else eval_transform(aug)
         self.min_side = eval_decode_min_side(aug)  # evaluation; training drafts per crop
-        self.stats = Stats()
+        self.corrupt_shards: set[str] = set()  # per worker process, for the error message
 
     # ---- the plan: a pure function of (seed, epoch, world, roles)
     def _roles(self, rank: int) -> list[list[tuple[str, Optional[int]]]]:
@@ -215,7 +208,7 @@ class ShardStream(IterableDataset):
         for rank in range(self.world):
             roles = self._roles(rank)
             if not self.training:  # every sample once: partial last batch per role, padded up later
-                per_rank.append(sum(-(-sum(n or 0 for _, n in s) // B) for s in roles))
+                per_rank.append(sum(self._eval_batches(roles)))
                 continue
             caps = [sum(n for _, n in s) // B for s in roles]  # descending
             low = min(caps)
@@ -223,13 +216,17 @@ class ShardStream(IterableDataset):
             per_rank.append(W * low + sum(c > low for c in caps))
         return max(per_rank) if not self.training else min(per_rank)
 
+    def _eval_batches(self, roles) -> list[int]:
+        """Batches per role when every sample is read once (the last one partial)."""
+        B = self.cfg.batch_size
+        return [-(-sum(n or 0 for _, n in s) // B) for s in roles]
+
     def plan(self) -> tuple[list[list[tuple[str, Optional[int]]]], list[int]]:
         """(shards per role for this rank, batches per role)."""
         roles = self._roles(self.rank)
         if not self.training:
-            B = self.cfg.batch_size
             unknown = any(n is None for s in roles for _, n in s)  # one rank, no manifest: read it all
-            return roles, [2**62 if unknown else -(-sum(n for _, n in s) // B) for s in roles]
+            return roles, [2**62] * len(roles) if unknown else self._eval_batches(roles)
         Q, W = self.batches_per_epoch(), self.roles
         return roles, [Q // W + (r < Q % W) for r in range(W)]
 
@@ -245,7 +242,7 @@ class ShardStream(IterableDataset):
         return self._start.value
 
     # ---- streaming
-    def _read_shard(self, url: str, expected: Optional[int], stats: Stats) -> Iterator[tuple[str, dict, str]]:
+    def _read_shard(self, url: str, expected: Optional[int]) -> Iterator[tuple[str, dict, str]]:
         done, attempt = 0, 0
         while True:
             try:
@@ -257,7 +254,6 @@ class ShardStream(IterableDataset):
                             done = n
                             yield key, sample, url
                 if expected is not None and n < expected:
-                    stats.short_shards.append(url)
                     log.warning("%s: %d samples, manifest says %d (truncated shard?)", url, n, expected)
                 return
             except DataError:
@@ -265,7 +261,6 @@ class ShardStream(IterableDataset):
             except (OSError, tarfile.TarError, EOFError) as e:
                 if isinstance(e, tarfile.ReadError) or attempt >= self.cfg.retries:
                     # A tar cut mid-member won't heal by retrying; network errors get `retries` tries.
-                    stats.bad_shards.append(url)
                     msg = f"{url}: unreadable after {done} samples ({type(e).__name__}: {e})"
                     if self.cfg.on_bad_shard == "fatal":
                         raise DataError(msg + "; set data.on_bad_shard='skip' to continue without it") from None
@@ -274,14 +269,14 @@ class ShardStream(IterableDataset):
                 attempt += 1
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
 
-    def _raw(self, shards, role: int, stats: Stats) -> Iterator[tuple[str, dict, str]]:
+    def _raw(self, shards, role: int) -> Iterator[tuple[str, dict, str]]:
         """Shuffled raw samples of one role; cycles its shards if they run short (keeps batch counts)."""
         rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, "buffer"))
         buf: list = []
         for cycle in range(1_000_000 if self.training else 1):
             got = 0
             for url, n in shards:
-                for item in self._read_shard(url, n, stats):
+                for item in self._read_shard(url, n):
                     got += 1
                     if not self.training:
                         yield item
@@ -297,7 +292,7 @@ class ShardStream(IterableDataset):
             if got == 0:
                 break
 
-    def _decode(self, key: str, sample: dict, stats: Stats, url: str):
+    def _decode(self, key: str, sample: dict, url: str):
         try:
             data = sample["jpg"]
             label = int(sample["cls"])
@@ -310,12 +305,12 @@ class ShardStream(IterableDataset):
             with self.corrupt.get_lock():
                 self.corrupt.value += 1
                 total = self.corrupt.value
-            stats.corrupt_shards.add(url)
+            self.corrupt_shards.add(url)
             log.warning("rank %d: corrupt sample %s skipped (%s)", self.rank, key, e)
             if total > self.cfg.max_corrupt:
                 raise DataError(f"{total} corrupt samples on rank {self.rank} this epoch (limit "
                                 f"data.max_corrupt={self.cfg.max_corrupt}); last {key}: {e}; shards: "
-                                f"{sorted(stats.corrupt_shards)}") from None
+                                f"{sorted(self.corrupt_shards)}") from None
             return None
 
     def _batches(self, role: int) -> Iterator:
@@ -325,16 +320,15 @@ class ShardStream(IterableDataset):
         done = self.start_batch // W + (role < self.start_batch % W)  # batches this role already gave
         if not self.training:
             done = 0  # evaluation always runs whole
-        stats = self.stats
         skip = done * B
         imgs, labels, keys, made = [], [], [], done
-        for key, sample, url in self._raw(shards, role, stats):
+        for key, sample, url in self._raw(shards, role):
             if made >= q:
                 return
             if skip:
                 skip -= 1
                 continue
-            out = self._decode(key, sample, stats, url)
+            out = self._decode(key, sample, url)
             if out is None:
                 continue
             imgs.append(out[0])
