@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) launch/demo.py
 
-# tests/test_slurm.py needs a Slurm cluster: .ci/slurm_up.sh starts one on localhost (as root).
+# tests/test_slurm.py needs a Slurm cluster: .ci/slurm_up.sh starts one on localhost (as root);
+# tests/test_jpeg.py needs the libjpeg-turbo headers (.ci/system_deps.sh).
 test: install
+	bash .ci/system_deps.sh
 	bash .ci/slurm_up.sh
 	$(PY) -m pytest -q
 

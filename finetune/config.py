@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import ConfigError, RunConfig, apply_override, from_dict
+from pretrain.config import RunConfig, apply_override, from_dict, raise_failed, run_checks
 
 
 @dataclass
@@ -28,12 +28,11 @@ def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig
     for o in overrides:
         apply_override(data, o)
     cfg = from_dict(FinetuneConfig, data)
-    if cfg.optim.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"optim.precision must be bf16, fp16 or fp32, got {cfg.optim.precision!r}")
-    if not 0 < cfg.finetune.layer_decay <= 1:
-        raise ConfigError(f"finetune.layer_decay must be in (0, 1], got {cfg.finetune.layer_decay}")
-    if not 0 <= cfg.finetune.ema_decay < 1:
-        raise ConfigError(f"finetune.ema_decay must be in [0, 1), got {cfg.finetune.ema_decay}")
+    f = cfg.finetune
+    raise_failed(run_checks(cfg) + [
+        (0 < f.layer_decay <= 1, f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}"),
+        (0 <= f.ema_decay < 1, f"finetune.ema_decay must be in [0, 1), got {f.ema_decay}"),
+    ])
     cfg.aug.img_size = cfg.model.img_size
     return cfg
 

@@ -199,10 +199,24 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> TrainC
     return cfg
 
 
+def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+    """(condition, message) pairs every run config (pretraining and fine-tuning) must satisfy."""
+    return [
+        (cfg.optim.precision in ("bf16", "fp16", "fp32"),
+         f"optim.precision must be bf16, fp16 or fp32, got {cfg.optim.precision!r}"),
+        (cfg.aug.jpeg_roi in ("auto", "on", "off"), f"aug.jpeg_roi must be auto, on or off, got {cfg.aug.jpeg_roi!r}"),
+    ]
+
+
+def raise_failed(checks: list[tuple[bool, str]]) -> None:
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
 def validate(cfg: TrainConfig) -> None:
     o, m = cfg.optim, cfg.model
-    checks = [
-        (o.precision in ("bf16", "fp16", "fp32"), f"optim.precision must be bf16, fp16 or fp32, got {o.precision!r}"),
+    checks = run_checks(cfg) + [
         (o.zero_stage in (0, 1, 2, 3), f"optim.zero_stage must be 0..3, got {o.zero_stage}"),
         (o.micro_batch > 0 and o.global_batch > 0, "optim.micro_batch and optim.global_batch must be > 0"),
         (o.global_batch % o.micro_batch == 0,
@@ -213,9 +227,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (len(o.betas) == 2, "optim.betas must have two values"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+    raise_failed(checks)
     cfg.aug.img_size = m.img_size  # one source of truth
     reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
     clash = reserved & set(cfg.deepspeed)

@@ -33,7 +33,6 @@ from typing import Iterator, Optional
 
 import fsspec
 import torch
-from PIL import Image
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -296,8 +295,8 @@ class ShardStream(IterableDataset):
         try:
             data = sample["jpg"]
             label = int(sample["cls"])
-            if self.training:  # the transform decodes, at the scale its random crop allows
-                return seeded(_mix(self.cfg.seed, self.epoch, key), self.transform, Image.open(io.BytesIO(data))), label
+            if self.training:  # the transform decodes only what its random crop needs
+                return seeded(_mix(self.cfg.seed, self.epoch, key), self.transform, data), label
             return self.transform(decode(data, self.min_side)), label
         except DataError:
             raise
@@ -341,7 +340,10 @@ class ShardStream(IterableDataset):
             yield self._collate(imgs, labels, keys)
 
     def _collate(self, imgs, labels, keys):
-        batch = (torch.stack(imgs), torch.tensor(labels, dtype=torch.long))
+        # (B, 3, H, W) in channels-last memory: the transforms' (3, H, W) tensors are views of HWC
+        # arrays, so stacking them as HWC is a plain copy (a strided one otherwise).
+        images = torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
+        batch = (images, torch.tensor(labels, dtype=torch.long))
         if not self.training:
             batch += (torch.ones(len(labels), dtype=torch.bool),)
         return batch + (keys,) if self.cfg.return_keys else batch

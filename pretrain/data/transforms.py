@@ -13,12 +13,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
+
+from .jpeg import RoiDecoder, roi_decoder
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **__):
@@ -61,8 +64,9 @@ class AugConfig:
     label_smoothing: float = 0.1  # on the (mixed) targets
     eval_crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
     eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
-    # Per sample from the random crop in training (DraftRandomResizedCrop), from the resize in evaluation.
+    # Per sample from the random crop in training (DecodeRandomResizedCrop), from the resize in evaluation.
     draft_decode: bool = True  # decode JPEGs at a reduced DCT scale where the result stays >= the output size
+    jpeg_roi: str = "auto"  # training: decode only the crop (libjpeg-turbo): auto, on (required) or off
     mean: tuple = IMAGENET_DEFAULT_MEAN  # normalization, on the device
     std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
 
@@ -80,49 +84,82 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class DraftRandomResizedCrop:
-    """timm's RandomResizedCrop, fused with JPEG decoding: input is an opened, not yet decoded image.
+# torch's uint8 antialiased kernels (AVX2) compute PIL's bicubic/bilinear filters to within 1 grey level,
+# several times faster than Pillow; other PIL filters stay with Pillow.
+_TORCH_RESIZE = (T.InterpolationMode.BICUBIC, T.InterpolationMode.BILINEAR)
 
-    The crop box is drawn first (timm's own `get_params`, from the header's size, same random draws),
-    then the JPEG is decoded at the smallest 1/2^k DCT scale that still leaves the crop region at least
-    as large as the output in both dimensions, then one resize from the box. Crop regions smaller than
-    twice the output decode at full size, exactly as before; larger ones skip decoding pixels that the
-    downscale would average away anyway.
+
+def resize(pixels: np.ndarray, size: tuple[int, int], interp: T.InterpolationMode) -> Image.Image:
+    """(h, w, 3) uint8 -> PIL RGB image of `size` (w, h), with PIL's filter `interp`."""
+    if interp not in _TORCH_RESIZE:
+        return Image.fromarray(np.ascontiguousarray(pixels)).resize(size, pil_modes_mapping[interp])
+    # NHWC memory (channels_last) in and out: the kernel's fast layout, and the output is already the
+    # HWC array PIL copies from.
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(size[1], size[0]), mode=interp.value, antialias=True)
+    return Image.fromarray(x[0].permute(1, 2, 0).numpy())
+
+
+def dct_scale(w: int, h: int, out_w: int, out_h: int) -> int:
+    """The largest 1/k DCT scale (k in 1, 2, 4, 8) that keeps a w x h region at least out_w x out_h."""
+    k = 1
+    while k < 8 and w // (2 * k) >= out_w and h // (2 * k) >= out_h:
+        k *= 2
+    return k
+
+
+def _decode_whole(img: Image.Image, k: int) -> np.ndarray:
+    """The whole image as (H, W, 3) uint8, JPEGs at DCT scale 1/k (Pillow's draft mode); Pillow raises on
+    corrupt data."""
+    if k > 1:  # Pillow picks the scale from floor(size / requested): ask for floor(size / k)
+        img.draft("RGB", (img.size[0] // k, img.size[1] // k))
+    return np.array(img.convert("RGB"))  # writable, for torch.from_numpy
+
+
+class DecodeRandomResizedCrop:
+    """timm's RandomResizedCrop fused with decoding: image bytes -> cropped and resized PIL image.
+
+    The crop box is drawn first, by timm's own `get_params` on the header's size (the same random draws
+    as timm's transform), then only what the crop needs is decoded:
+    - scale (`draft`): a JPEG is decoded at the smallest 1/2^k DCT scale that keeps the crop region at
+      least as large as the output in both dimensions; the pixels skipped are the ones the downscale
+      would average away. At k > 1 the box is rounded to whole decoded pixels (k/2 source pixels at most).
+    - region (`roi`, pretrain.data.jpeg): libjpeg-turbo decodes only the crop's rows and columns, with the
+      same pixels as a whole-image decode. Without it, or for anything else, the whole image is decoded.
+    Then one resize with torch's uint8 antialiased kernels (PIL's bicubic/bilinear to within 1 grey level).
     """
 
-    def __init__(self, rrc):
-        self.rrc = rrc
+    def __init__(self, rrc, draft: bool = True, roi: Optional[RoiDecoder] = None):
+        self.rrc, self.draft, self.roi = rrc, draft, roi
 
-    def __call__(self, img: Image.Image) -> Image.Image:
+    def __call__(self, data: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(data))
         W, H = img.size
         i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
         interp = self.rrc.interpolation
         interp = random.choice(interp) if isinstance(interp, (tuple, list)) else interp
         out_h, out_w = self.rrc.size
-        if img.format == "JPEG":
-            k = 1
-            while k < 8 and w // (2 * k) >= out_w and h // (2 * k) >= out_h:
-                k *= 2
-            if k > 1:
-                img.draft("RGB", (-(-W // k), -(-H // k)))
-        img = img.convert("RGB")
-        sx, sy = img.size[0] / W, img.size[1] / H
-        box = (j * sx, i * sy, (j + w) * sx, (i + h) * sy)
-        return img.resize((out_w, out_h), pil_modes_mapping[interp], box=box)
+        jpeg = img.format == "JPEG"
+        k = dct_scale(w, h, out_w, out_h) if jpeg and self.draft else 1
+        x0, y0 = round(j / k), round(i / k)
+        x1 = max(x0 + 1, min(round((j + w) / k), -(-W // k)))
+        y1 = max(y0 + 1, min(round((i + h) / k), -(-H // k)))
+        pixels = None
+        if self.roi is not None and jpeg and img.mode in ("RGB", "L"):
+            pixels = self.roi.decode(data, k, x0, y0, x1 - x0, y1 - y0)  # None: corrupt, let Pillow judge
+        if pixels is None:
+            pixels = _decode_whole(img, k)[y0:y1, x0:x1]
+        return resize(pixels, (out_w, out_h), interp)
 
 
-def train_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Opened (undecoded) image -> augmented uint8 (3, S, S): timm's recipe with decode-aware cropping."""
+def train_transform(cfg: AugConfig) -> Callable[[bytes], torch.Tensor]:
+    """Image bytes -> augmented uint8 (3, S, S): timm's recipe, decoding only what the random crop needs."""
     primary, secondary, _final = transforms_imagenet_train(
         cfg.img_size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter,
         interpolation=cfg.interpolation, hflip=cfg.hflip, separate=True)
     first, *rest = primary.transforms
-    crop = DraftRandomResizedCrop(first) if cfg.draft_decode else T.Compose([_to_rgb, first])
+    crop = DecodeRandomResizedCrop(first, draft=cfg.draft_decode, roi=roi_decoder(cfg.jpeg_roi))
     return T.Compose([crop, *rest, *secondary.transforms, to_uint8_tensor])
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    return img.convert("RGB")
 
 
 def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
