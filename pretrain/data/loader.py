@@ -186,7 +186,7 @@ class ShardStream(IterableDataset):
         self._epoch, self._start, self.corrupt = mp.Value("q", 0), mp.Value("q", 0), mp.Value("q", 0)
         aug = cfg.aug
         self.transform = train_transform(aug) if training else eval_transform(aug)
-        self.min_side = eval_decode_min_side(aug)  # evaluation; training drafts per crop
+        self.min_side = eval_decode_min_side(aug)  # evaluation; training decodes per crop
         self.corrupt_shards: set[str] = set()  # per worker process, for the error message
 
     # ---- the plan: a pure function of (seed, epoch, world, roles)
