@@ -1,11 +1,10 @@
 """Fine-tuning config: the pretraining sections plus `finetune` (weights to start from, lr decay, EMA)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import RunConfig, apply_override, from_dict, raise_failed, run_checks
+from pretrain.config import RunConfig, raise_failed, read_config, run_checks
 
 
 @dataclass
@@ -23,11 +22,7 @@ class FinetuneConfig(RunConfig):
 
 
 def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
-    with open(path) as f:
-        data = json.load(f)
-    for o in overrides:
-        apply_override(data, o)
-    cfg = from_dict(FinetuneConfig, data)
+    cfg = read_config(FinetuneConfig, path, overrides)
     f = cfg.finetune
     raise_failed(run_checks(cfg) + [
         (0 < f.layer_decay <= 1, f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}"),

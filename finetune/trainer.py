@@ -19,7 +19,7 @@ from pretrain import run_checkpoint as rc
 from pretrain.checkpoint import export, load_pretrained
 from pretrain.data.loader import ShardLoader, _mix
 from pretrain.data.transforms import BatchAugment
-from pretrain.engine import loader_config, model_from_section, topk_counts
+from pretrain.engine import loader_config, model_from_section, skips_weight_decay, topk_counts, topk_metrics
 
 from .config import FinetuneConfig
 
@@ -58,7 +58,7 @@ def param_groups(model, weight_decay: float, layer_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        no_decay = skips_weight_decay(name, p, skip)
         lid = layer_id(name, depths) if layer_decay < 1 else top
         key = (lid, no_decay)
         if key not in groups:
@@ -112,9 +112,7 @@ class FinetuneRunner:
             with self.acc.autocast():
                 logits = model(x).float()
             sums += topk_counts(logits, y, valid.to(self.acc.device))
-        sums = self.acc.reduce(sums, reduction="sum")
-        n = max(sums[2].item(), 1.0)
-        return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "samples": int(sums[2].item())}
+        return topk_metrics(self.acc.reduce(sums, reduction="sum"))
 
     def eval_only(self) -> dict:
         if self.resume:

@@ -184,7 +184,9 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> TrainConfig:
+def read_config(cls: type, path: Optional[str] = None, overrides: list[str] = ()) -> Any:
+    """A config of dataclass `cls` from a JSON file (or the defaults) with `key=value` overrides applied;
+    unknown keys and wrong types are errors. Checks beyond types are the caller's."""
     data: dict = {}
     if path:
         try:
@@ -194,7 +196,11 @@ def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> TrainC
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
     for o in overrides:
         apply_override(data, o)
-    cfg = from_dict(TrainConfig, data)
+    return from_dict(cls, data)
+
+
+def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> TrainConfig:
+    cfg = read_config(TrainConfig, path, overrides)
     validate(cfg)
     return cfg
 

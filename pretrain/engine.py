@@ -37,14 +37,19 @@ class Preempted(SystemExit):
     """Raised after the checkpoint on a preemption signal; the exit code says what happened."""
 
 
+def skips_weight_decay(name: str, p: torch.Tensor, skip: set) -> bool:
+    """Official recipe: no weight decay on 1-D params (norms), biases, and `model.no_weight_decay()`
+    (bias tables, ape)."""
+    return p.ndim <= 1 or name.endswith(".bias") or name in skip
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Official recipe: no weight decay on 1-D params (norms), biases, bias tables and ape."""
     skip = model.no_weight_decay()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        (no_decay if skips_weight_decay(name, p, skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -93,6 +98,13 @@ def topk_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor)
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hit = top.eq(labels.view(-1, 1))
     return torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()]).double()
+
+
+def topk_metrics(sums: torch.Tensor, prefix: str = "") -> dict:
+    """Summed `topk_counts` (all ranks) -> top-1 / top-5 in percent and the sample count."""
+    n = max(sums[2].item(), 1.0)
+    return {f"{prefix}top1": 100 * sums[0].item() / n, f"{prefix}top5": 100 * sums[1].item() / n,
+            f"{prefix}samples": int(sums[2].item())}
 
 
 def forward_flops(model: torch.nn.Module, img_size: int) -> float:
@@ -334,9 +346,7 @@ class Trainer:
             x, y = self.eval_augment(images, labels)
             sums += topk_counts(self.engine(x.to(self.dtype)).float(), y, valid.to(self.device))
         dist.all_reduce(sums)
-        n = max(sums[2].item(), 1.0)
-        metrics = {"val_top1": 100 * sums[0].item() / n, "val_top5": 100 * sums[1].item() / n,
-                   "val_samples": int(sums[2].item())}
+        metrics = topk_metrics(sums, prefix="val_")
         self._write_metrics({"step": self.step, **metrics})
         self._last_eval_step = self.step
         self._log0(f"eval at update {self.step}: top-1 {metrics['val_top1']:.2f}%  top-5 "

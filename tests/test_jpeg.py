@@ -20,7 +20,6 @@ REPO_CFG = str(Path(__file__).resolve().parents[1] / "configs" / "swin_tiny_cpu.
 
 def photo(size=(640, 480), fmt="JPEG", mode="RGB", **save) -> bytes:
     """Gradients + noise: smooth structure and texture, so scale and position errors show."""
-    w, h = size
     bands = [Image.linear_gradient("L").resize(size), Image.effect_noise(size, 40),
              Image.radial_gradient("L").resize(size)]
     img = Image.merge("RGB", bands).convert(mode)
@@ -63,16 +62,17 @@ def test_roi_reports_corrupt_data_and_refuses_bad_regions(roi):
         roi.decode(data, 2, 300, 0, 40, 10)
 
 
-def crop_pair(size, scale=(0.08, 1.0), interpolation="bicubic"):
-    return RRC(size, scale=scale, interpolation=interpolation), RRC(size, scale=scale, interpolation=interpolation)
+def rrc(size, scale=(0.08, 1.0)):
+    """timm's crop: stateless (it draws from `random`), so ours and the reference can share one."""
+    return RRC(size, scale=scale, interpolation="bicubic")
 
 
 @pytest.mark.parametrize("use_roi", [True, False])
 def test_crop_equals_timm_random_resized_crop(roi, use_roi):
     """Same random draws as timm's transform; full-scale pixels; resize within 1 grey level of PIL's."""
     data = photo((500, 375), quality=90)
-    ours_t, ref_t = crop_pair(64)
-    ours = DecodeRandomResizedCrop(ours_t, draft=False, roi=roi if use_roi else None)
+    ref_t = rrc(64)
+    ours = DecodeRandomResizedCrop(ref_t, draft=False, roi=roi if use_roi else None)
     for seed in range(12):
         random.seed(seed)
         a = np.asarray(ours(data)).astype(int)
@@ -84,7 +84,7 @@ def test_crop_equals_timm_random_resized_crop(roi, use_roi):
 
 def test_crop_decodes_at_a_reduced_scale_only_where_the_crop_allows(roi):
     data = photo((1024, 768), quality=95)
-    whole = crop_pair(64, scale=(1.0, 1.0))[0]
+    whole = rrc(64, scale=(1.0, 1.0))
     whole.ratio = (4 / 3, 4 / 3)
     ref = np.asarray(whole(Image.open(io.BytesIO(data)).convert("RGB"))).astype(float)
     outs = [np.asarray(DecodeRandomResizedCrop(whole, roi=r)(data)).astype(float) for r in (roi, None)]
@@ -94,7 +94,7 @@ def test_crop_decodes_at_a_reduced_scale_only_where_the_crop_allows(roi):
 
 
 def test_crop_hands_cmyk_png_and_corrupt_images_to_pillow(roi):
-    t = crop_pair(32, scale=(1.0, 1.0))[0]
+    t = rrc(32, scale=(1.0, 1.0))
     crop = DecodeRandomResizedCrop(t, draft=False, roi=roi)  # full scale, to compare with timm's
     for data in (photo(mode="CMYK"), photo(fmt="PNG"), photo(mode="L")):
         random.seed(0)
