@@ -15,27 +15,28 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from pretrain.config import TrainConfig, from_dict, validate
+from pretrain.models import model_from_section
+from pretrain.seeding import mix_seed
+from pretrain.training import Trainer
+from pretrain.training.optim import param_groups
 
-from pretrain.config import from_dict, TrainConfig, validate  # noqa: E402
-from pretrain.data.loader import _mix  # noqa: E402
-from pretrain.engine import Trainer, model_from_section, param_groups  # noqa: E402
 
-
-def tiny_config(shards: str, variant: str, img: int, stage: int, micro: int, precision: str) -> TrainConfig:
+def tiny_config(shards: str, variant: str, img: int, stage: int, micro: int, precision: str,
+                backend: str) -> TrainConfig:
     cfg = from_dict(TrainConfig, {
-        "run_dir": "/tmp/engine_bench", "model": {"variant": variant, "img_size": img, "window_size": img // 32 or 2,
+        "run_dir": "/tmp/engine_bench", "backend": backend, "model": {"variant": variant, "img_size": img, "window_size": img // 32 or 2,
                                                    "num_classes": 10, "drop_path_rate": 0.1},
         "data": {"train": shards, "workers": 1, "shuffle_buffer": 64},
         "aug": {"auto_augment": None, "mixup": 0.8, "cutmix": 1.0, "re_prob": 0.25},
         "optim": {"global_batch": micro * int(os.environ.get("WORLD_SIZE", 1)), "micro_batch": micro,
-                  "epochs": 1000, "warmup_epochs": 0, "precision": precision, "zero_stage": stage},
+                  "epochs": 1000, "warmup_epochs": 0, "precision": precision,
+                  "zero_stage": stage if backend == "deepspeed" else None},
         "checkpoint": {"every_steps": 10**9}, "log": {"every_steps": 10**9, "tensorboard": False, "progress": False}})
     validate(cfg)
     return cfg
@@ -61,7 +62,7 @@ def time_ddp(trainer: Trainer, model, opt, it, steps: int) -> list[float]:
     for i in range(steps):
         t0 = time.perf_counter()
         images, labels = next(it)
-        x, y = trainer.augment(images, labels, step_seed=_mix(0, 0, i + 1, trainer.rank))
+        x, y = trainer.augment(images, labels, step_seed=mix_seed(0, 0, i + 1, trainer.rank))
         with torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16,
                             enabled=trainer.cfg.optim.precision == "bf16"):
             out = model(x)
@@ -75,11 +76,11 @@ def time_ddp(trainer: Trainer, model, opt, it, steps: int) -> list[float]:
 
 
 def speed(a) -> None:
-    cfg = tiny_config(a.shards, a.variant, a.img, a.stage, a.micro, a.precision)
+    cfg = tiny_config(a.shards, a.variant, a.img, a.stage, a.micro, a.precision, a.backend)
     cfg.deepspeed = json.loads(a.ds)
     trainer = Trainer(cfg)
     torch.manual_seed(0)
-    base = model_from_section(trainer.cfg).to(trainer.device)
+    base = model_from_section(trainer.cfg.model).to(trainer.device)
     ddp = torch.nn.parallel.DistributedDataParallel(base)
     opt = torch.optim.AdamW(param_groups(base, 0.05), lr=1e-4, fused=trainer.device.type == "cuda")
     eng, plain = [], []
@@ -91,7 +92,8 @@ def speed(a) -> None:
         plain += p[a.warmup:]
     if trainer.rank == 0:
         me, mp_ = statistics.median(eng), statistics.median(plain)
-        print(json.dumps({"variant": a.variant, "img": a.img, "micro_batch": a.micro, "zero_stage": a.stage,
+        print(json.dumps({"backend": a.backend, "variant": a.variant, "img": a.img, "micro_batch": a.micro,
+                          "zero_stage": a.stage,
                           "precision": a.precision, "ds": json.loads(a.ds),
                           "world": trainer.world, "engine_s": me, "ddp_s": mp_, "engine_over_ddp": me / mp_}))
 
@@ -132,14 +134,14 @@ def held_bytes(engine) -> dict:
 def memory(a) -> None:
     import deepspeed
     from pretrain.config import ModelSection
-    from pretrain.engine import deepspeed_config
+    from pretrain.training.deepspeed_backend import deepspeed_config
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     for variant in a.variants:
         for stage in a.stages:
             cfg = TrainConfig(model=ModelSection(variant=variant, num_classes=21841))
             cfg.optim.global_batch, cfg.optim.micro_batch, cfg.optim.zero_stage = world, 1, stage
-            model = model_from_section(cfg)
+            model = model_from_section(cfg.model)
             n = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
@@ -164,6 +166,8 @@ def main() -> None:
     p.add_argument("--img", type=int, default=64)
     p.add_argument("--micro", type=int, default=16)
     p.add_argument("--stage", type=int, default=1)
+    p.add_argument("--backend", default="deepspeed", choices=["deepspeed", "accelerate"],
+                   help="speed: the training loop's backend (accelerate: DDP; run it under torchrun)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--ds", default="{}", help="speed: JSON merged into the DeepSpeed config")
     p.add_argument("--steps", type=int, default=12)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import RunConfig, raise_failed, read_config, run_checks
+from pretrain.config import RunConfig, in_range, load_config
 
 
 @dataclass
@@ -18,18 +18,21 @@ class FinetuneSection:
 
 @dataclass
 class FinetuneConfig(RunConfig):
+    """A fine-tuning run: the same loop as pretraining, accelerate (DDP) by default."""
+    run_dir: str = "runs/finetune"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
+    backend: str = "accelerate"  # accelerate (DDP) | deepspeed (ZeRO, e.g. Swin-L at 384)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    def checks(self) -> list[tuple[bool, str]]:
+        f = self.finetune
+        return super().checks() + [
+            in_range(f.layer_decay, "finetune.layer_decay", 0, 1, lo_open=True),
+            in_range(f.ema_decay, "finetune.ema_decay", 0, 1, hi_open=True),
+        ]
 
 
 def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig:
-    cfg = read_config(FinetuneConfig, path, overrides)
-    f = cfg.finetune
-    raise_failed(run_checks(cfg) + [
-        (0 < f.layer_decay <= 1, f"finetune.layer_decay must be in (0, 1], got {f.layer_decay}"),
-        (0 <= f.ema_decay < 1, f"finetune.ema_decay must be in [0, 1), got {f.ema_decay}"),
-    ])
-    cfg.aug.img_size = cfg.model.img_size
-    return cfg
+    return load_config(path, overrides, cls=FinetuneConfig)
 
 
 def missing_inputs(cfg: FinetuneConfig, eval_only: bool, resuming: bool) -> list[str]:
@@ -66,6 +69,13 @@ def with_flags(cfg: FinetuneConfig, res: Optional[int], window: Optional[int], p
         cfg.optim.micro_batch = min(cfg.optim.micro_batch, batch_size)
     if output:
         cfg.run_dir = output
+    return cfg
+
+
+def revalidate(cfg: FinetuneConfig) -> FinetuneConfig:
+    """The checks again after the command-line flags changed the config."""
+    from pretrain.config import validate
+    validate(cfg)
     return cfg
 
 

@@ -3,6 +3,7 @@
     python finetune/run.py --res 384 --pretrained swin_base_patch4_window7_224_22k.pth --data shards/
     torchrun --nproc_per_node 8 finetune/run.py --config configs/finetune/swin_l_22kto1k_384.json --data ...
     python finetune/run.py --res 384 --eval-only --pretrained released_384.pth --data val_shards/
+    (also `python -m finetune.run ...` and `swin-finetune ...`; `--set backend=deepspeed` under ZeRO)
 
 Without --config: configs/finetune/swin_b_22kto1k_{384 or 224}.json. The window defaults to res/32.
 """
@@ -10,8 +11,8 @@ import argparse
 import os
 import sys
 
-from finetune.config import load_finetune_config, missing_inputs, with_flags
-from pretrain.config import ConfigError
+from finetune.config import load_finetune_config, missing_inputs, revalidate, with_flags
+from pretrain.train import USER_ERRORS, close_process_group, report
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune")
 
@@ -30,6 +31,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="run dir (checkpoints, metrics, export)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the weights at --res and stop")
     p.add_argument("--resume", choices=["auto"], help="continue the run in --output from its newest checkpoint")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
@@ -37,21 +39,25 @@ def main(argv=None) -> int:
     a = parse(argv)
     config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
     try:
-        cfg = with_flags(load_finetune_config(config, a.set), a.res, a.window, a.pretrained, a.data,
-                         a.num_classes, a.epochs, a.batch_size, a.output)
+        cfg = revalidate(with_flags(load_finetune_config(config, a.set), a.res, a.window, a.pretrained, a.data,
+                                    a.num_classes, a.epochs, a.batch_size, a.output))
         missing = missing_inputs(cfg, a.eval_only, bool(a.resume))
         if missing:
             print(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window {cfg.model.window_size}) "
                   "still needs:\n  " + "\n  ".join(missing), file=sys.stderr)
             return 2
-        from finetune.trainer import FinetuneRunner
-        runner = FinetuneRunner(cfg, resume=a.resume)
-        result = runner.eval_only() if a.eval_only else runner.fit()
-    except (ConfigError, FileNotFoundError) as e:
+        from finetune.stage import evaluate_only, finetune_stage
+        from pretrain.training import Trainer
+        if a.eval_only:
+            result = evaluate_only(cfg, bool(a.resume))
+        else:
+            result = Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg)).fit()
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result and int(os.environ.get("RANK", "0")) == 0:
-        print({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()})
+    finally:
+        close_process_group()
+    report(result)
     return 0
 
 

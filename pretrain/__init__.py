@@ -1,2 +1,2 @@
-"""swin-pretrain: distributed Swin Transformer pretraining (model, data, engine, checkpoints)."""
+"""swin-pretrain: distributed Swin Transformer pretraining (models, data, the training core, checkpoints)."""
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ import json
 import math
 import pickle
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -85,7 +86,11 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
     if isinstance(source, Mapping):
         obj: Any = source
     else:
-        data = read_bytes(name)
+        try:
+            data = read_bytes(name)
+        except ImportError as e:  # fsspec's protocol needs a package that is not installed
+            raise CheckpointError(f"{name}: reading {name.split('://')[0]}:// URLs needs the package "
+                                  f"{e.name or e}: pip install 'fsspec[{name.split('://')[0].rstrip('s')}]'") from None
         if _is_safetensors(data):
             try:
                 obj = safetensors.torch.load(data)
@@ -96,11 +101,15 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
             try:
                 obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not allow_pickle)
             except pickle.UnpicklingError as e:
-                if allow_pickle:
-                    raise CheckpointError(f"{name}: cannot unpickle ({e})") from None
+                # Only a refused class or function (a GLOBAL) is a readable file that needs trust; random or
+                # truncated bytes fail the same way and must not steer anyone to unpickling them.
+                if allow_pickle or "Unsupported global" not in str(e):
+                    raise CheckpointError(
+                        f"{name}: not a readable checkpoint (neither safetensors nor a torch.save file: "
+                        f"{_reason(e)}); it may be truncated or corrupt, download or copy it again") from None
                 raise CheckpointError(
                     f"{name}: holds objects other than tensors and plain containers, refused by "
-                    f"torch.load(weights_only=True) ({str(e).splitlines()[0]}). If you trust the file, "
+                    f"torch.load(weights_only=True) ({_reason(e)}). If you trust the file, "
                     "pass allow_pickle=True (--allow-pickle), or convert it to safetensors") from None
             except Exception as e:
                 raise CheckpointError(
@@ -124,9 +133,32 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
     if not any(".blocks." in k for k in sd):
         raise CheckpointError(f"{name}: no 'layers.*.blocks.*' keys: not a Swin checkpoint "
                               f"(first keys: {list(sd)[:5]})")
-    if isinstance(meta.get("config"), str):
-        meta["config"] = json.loads(meta["config"])
-    return sd, meta
+    return sd, _our_config(meta, name)
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return next((x for x in lines if "Unsupported" in x), lines[0])[:200]
+
+
+def _our_config(meta: dict, name: str) -> dict:
+    """Keep `config` only where it is ours (format swin-pretrain/*, a JSON SwinConfig); other tools'
+    metadata (the official code stores its yacs config, others free text) never breaks loading."""
+    cfg = meta.get("config")
+    if cfg is None:
+        return meta
+    if meta.get("format") != OURS_FORMAT:
+        return {k: v for k, v in meta.items() if k != "config"}
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{name}: its '{OURS_FORMAT}' config metadata is not valid JSON ({e}); the "
+                                  "file is damaged: export it again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{name}: its '{OURS_FORMAT}' config metadata is not an object")
+    return {**meta, "config": cfg}
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
@@ -204,6 +236,21 @@ def resize_abs_pos_embed(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return out.permute(0, 2, 3, 1).flatten(1, 2).contiguous().to(pe.dtype)
 
 
+def table_window(rows: int) -> int:
+    """The window M of a ((2M-1)^2, heads) relative-position bias table (0 if the rows are no such square)."""
+    side = math.isqrt(rows)
+    return (side + 1) // 2 if side * side == rows and side % 2 else 0
+
+
+def checkpoint_window(sd: Mapping[str, torch.Tensor]) -> int:
+    """The checkpoint's attention window, judged from all its bias tables (the most common size), so one
+    damaged table can't redefine it."""
+    sizes = Counter(v.shape[0] for k, v in sd.items() if k.endswith("relative_position_bias_table"))
+    if not sizes:
+        raise CheckpointError("no relative_position_bias_table in the checkpoint: not a Swin (V1) checkpoint")
+    return table_window(sizes.most_common(1)[0][0])
+
+
 def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Architecture read off a state dict in our layout: the fields of SwinConfig it determines."""
     proj = sd["patch_embed.proj.weight"]
@@ -213,11 +260,10 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks.")))
         heads.append(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
         i += 1
-    table = sd["layers.0.blocks.0.attn.relative_position_bias_table"]
     cfg: dict[str, Any] = dict(
         embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2],
         depths=tuple(depths), num_heads=tuple(heads),
-        window_size=(math.isqrt(table.shape[0]) + 1) // 2,
+        window_size=checkpoint_window(sd),
         num_classes=sd[HEAD_W].shape[0] if HEAD_W in sd else 0,
         mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
         qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd,
@@ -266,6 +312,33 @@ def _fit_head(sd: dict, target: Mapping, model: SwinTransformer, reset_head: boo
     why = "asked (reset_head=True)" if reset_head else (
         f"checkpoint has {src[0] if src is not None else 'no'} classes, model has {nc}")
     report.reinitialized.append(f"head.fc: zero-initialized ({why})")
+
+
+def _check_tables(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], name: str) -> list[str]:
+    """Bias tables that don't fit the checkpoint's own window, judged from the whole checkpoint: a table
+    fits at the checkpoint's window, or at one smaller window shared by its whole stage (a stage smaller
+    than the window; later stages no larger). Returns the damaged ones with why; they are never resized."""
+    tables = {k: v for k, v in sd.items() if k.endswith("relative_position_bias_table")}
+    if not tables:
+        return []
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    window = int(cfg["window_size"]) if cfg and "window_size" in cfg else checkpoint_window(sd)
+    per_stage: dict[int, set] = {}
+    for k, v in tables.items():
+        per_stage.setdefault(int(k.split(".")[1]), set()).add(table_window(v.shape[0]))
+    damaged = []
+    for k, v in tables.items():
+        i, w = int(k.split(".")[1]), table_window(v.shape[0])
+        later = [x for j, ws in per_stage.items() if j > i for x in ws]
+        if w == window or (0 < w < window and per_stage[i] == {w} and all(0 < x <= w for x in later)):
+            continue
+        damaged.append(f"{k} {tuple(v.shape)} (window {w or '?'})")
+    if damaged:
+        return [f"{name}: bias table(s) that don't fit the checkpoint's window {window} (judged from its "
+                f"{len(tables)} tables): " + ", ".join(sorted(damaged, key=_natural_key)[:8])
+                + ". Such a tensor is damaged or from another model and is not resized; fix or re-export "
+                "the checkpoint"]
+    return []
 
 
 def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: LoadReport) -> None:
@@ -344,13 +417,17 @@ def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = Tr
         sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
     target = model.state_dict()
     _fit_head(sd, target, model, reset_head, report)
+    damaged = _check_tables(sd, meta, name)
+    if damaged:
+        raise CheckpointMismatchError(damaged[0])
+    original = dict(sd)
     _fit_positions(sd, target, model, report)
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in sd
                   if k in target and sd[k].shape != target[k].shape]
     if missing or unexpected or mismatched:
-        msg = _mismatch_message(name, sd, target, model, missing, unexpected, mismatched)
+        msg = _mismatch_message(name, original, target, model, missing, unexpected, mismatched)
         if strict:
             raise CheckpointMismatchError(msg)
         for k, _, _ in mismatched:

@@ -11,11 +11,36 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .data.transforms import AugConfig
+# No torch, timm or torchvision here: the sbatch script and tools read configs without loading them.
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclass
+class AugConfig:
+    """Official Swin recipe defaults."""
+    img_size: int = 224  # set from model.img_size
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null: off
+    color_jitter: float = 0.4  # timm applies it only when auto_augment is off
+    interpolation: str = "bicubic"  # resize interpolation (timm names)
+    hflip: float = 0.5  # horizontal flip probability
+    re_prob: float = 0.25  # random erasing probability (on the device)
+    mixup: float = 0.8  # Mixup alpha; 0 with cutmix 0 turns mixing off
+    cutmix: float = 1.0  # CutMix alpha
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
+    label_smoothing: float = 0.1  # on the (mixed) targets
+    eval_crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
+    eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
+    # Per sample from the random crop in training (DecodeRandomResizedCrop), from the resize in evaluation.
+    draft_decode: bool = True  # decode JPEGs at a reduced DCT scale where the result stays >= the output size
+    jpeg_roi: str = "auto"  # training: decode only the crop (libjpeg-turbo): auto, on (required) or off
+    mean: tuple = IMAGENET_DEFAULT_MEAN  # normalization, on the device
+    std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
 
 
 @dataclass
@@ -45,6 +70,7 @@ class DataSection:
     max_corrupt: int = 100  # corrupt samples per rank and epoch before the run fails
     on_bad_shard: str = "fatal"  # fatal | skip: an unreadable shard after the retries
     retries: int = 3  # attempts to read a shard, with exponential backoff
+    start_method: str = "auto"  # DataLoader workers: auto (the platform's default) | fork | spawn | forkserver
 
 
 @dataclass
@@ -63,7 +89,7 @@ class OptimSection:
     eps: float = 1e-8  # AdamW epsilon
     clip_grad: float = 5.0  # set explicitly: DeepSpeed >= 0.19.3 defaults to 1.0
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    zero_stage: int = 1  # DeepSpeed ZeRO stage 0..3
+    zero_stage: Optional[int] = None  # DeepSpeed ZeRO stage 0..3 (default 1); only with backend "deepspeed"
     max_nonfinite: int = 10  # this many non-finite losses in a row stop the run
 
 
@@ -83,11 +109,17 @@ class LogSection:
     progress: bool = True  # progress bar on rank 0
 
 
+BACKENDS = ("deepspeed", "accelerate")
+
+
 @dataclass
 class RunConfig:
-    """The sections a pretraining and a fine-tuning run share."""
+    """The sections a pretraining and a fine-tuning run share (one training loop runs both)."""
     run_dir: str = "runs/pretrain"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
     seed: int = 0  # data order, augmentation and initialization
+    backend: str = "deepspeed"  # deepspeed (ZeRO; pretraining's default) | accelerate (DDP; fine-tuning's default)
+    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
+    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config (backend deepspeed)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -114,11 +146,21 @@ class RunConfig:
     def lr(self) -> float:
         return self.optim.base_lr * self.optim.global_batch / self.optim.lr_scale_batch
 
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage in force: optim.zero_stage, 1 by default under DeepSpeed, 0 (plain DDP) otherwise."""
+        if self.optim.zero_stage is not None:
+            return self.optim.zero_stage
+        return 1 if self.backend == "deepspeed" else 0
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(condition, message) pairs this config must satisfy; subclasses add their sections'."""
+        return run_checks(self)
+
 
 @dataclass
 class TrainConfig(RunConfig):
-    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
-    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    """A pretraining run."""
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -199,19 +241,99 @@ def read_config(cls: type, path: Optional[str] = None, overrides: list[str] = ()
     return from_dict(cls, data)
 
 
-def load_config(path: Optional[str] = None, overrides: list[str] = ()) -> TrainConfig:
-    cfg = read_config(TrainConfig, path, overrides)
+def load_config(path: Optional[str] = None, overrides: list[str] = (), cls: type = TrainConfig) -> Any:
+    """Read, override and validate a run config (`cls`: TrainConfig, or fine-tuning's FinetuneConfig)."""
+    cfg = read_config(cls, path, overrides)
     validate(cfg)
     return cfg
 
 
+def in_range(value: Any, key: str, lo: Optional[float] = None, hi: Optional[float] = None,
+             lo_open: bool = False, hi_open: bool = False) -> tuple[bool, str]:
+    """A range check naming the key: `lo <= value <= hi` (or < with *_open); None leaves a side free."""
+    ok = ((lo is None or (value > lo if lo_open else value >= lo))
+          and (hi is None or (value < hi if hi_open else value <= hi)))
+    left = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
+    right = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
+    want = f"in {left}, {right}" if lo is not None and hi is not None else (
+        f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
+    return ok, f"{key} must be {want}, got {value!r}"
+
+
+def one_of(value: Any, key: str, choices: tuple) -> tuple[bool, str]:
+    return value in choices, f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+
+
 def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
-    """(condition, message) pairs every run config (pretraining and fine-tuning) must satisfy."""
-    return [
-        (cfg.optim.precision in ("bf16", "fp16", "fp32"),
-         f"optim.precision must be bf16, fp16 or fp32, got {cfg.optim.precision!r}"),
-        (cfg.aug.jpeg_roi in ("auto", "on", "off"), f"aug.jpeg_roi must be auto, on or off, got {cfg.aug.jpeg_roi!r}"),
+    """(condition, message) pairs every run config (pretraining and fine-tuning) must satisfy: every
+    numeric key's range and every choice, named by its key."""
+    o, m, d, a, c, lg = cfg.optim, cfg.model, cfg.data, cfg.aug, cfg.checkpoint, cfg.log
+    checks = [
+        one_of(cfg.backend, "backend", BACKENDS),
+        in_range(cfg.seed, "seed", 0),
+        in_range(cfg.dist_timeout_s, "dist_timeout_s", 0, lo_open=True),
+        in_range(m.img_size, "model.img_size", 1),
+        in_range(m.window_size, "model.window_size", 1),
+        in_range(m.num_classes, "model.num_classes", 0),
+        in_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, hi_open=True),
+        one_of(m.attn_impl, "model.attn_impl", ("auto", "sdpa", "math")),
+        in_range(d.workers, "data.workers", 0),
+        in_range(d.shuffle_buffer, "data.shuffle_buffer", 1),
+        in_range(d.max_corrupt, "data.max_corrupt", 0),
+        in_range(d.retries, "data.retries", 1),
+        one_of(d.on_bad_shard, "data.on_bad_shard", ("fatal", "skip")),
+        one_of(d.start_method, "data.start_method", ("auto", "fork", "spawn", "forkserver")),
+        one_of(a.jpeg_roi, "aug.jpeg_roi", ("auto", "on", "off")),
+        in_range(a.color_jitter, "aug.color_jitter", 0),
+        in_range(a.hflip, "aug.hflip", 0, 1),
+        in_range(a.re_prob, "aug.re_prob", 0, 1),
+        in_range(a.mixup, "aug.mixup", 0),
+        in_range(a.cutmix, "aug.cutmix", 0),
+        in_range(a.mixup_prob, "aug.mixup_prob", 0, 1),
+        in_range(a.mixup_switch_prob, "aug.mixup_switch_prob", 0, 1),
+        in_range(a.label_smoothing, "aug.label_smoothing", 0, 1, hi_open=True),
+        in_range(a.eval_crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
+        (a.img_size in (224, m.img_size), f"aug.img_size={a.img_size} differs from "
+                                          f"model.img_size={m.img_size}: set model.img_size only"),
+        in_range(o.global_batch, "optim.global_batch", 1),
+        in_range(o.micro_batch, "optim.micro_batch", 1),
+        (o.global_batch % max(o.micro_batch, 1) == 0,
+         f"optim.global_batch={o.global_batch} is not a multiple of optim.micro_batch={o.micro_batch}"),
+        in_range(o.epochs, "optim.epochs", 1),
+        in_range(o.warmup_epochs, "optim.warmup_epochs", 0, o.epochs),
+        in_range(o.max_steps, "optim.max_steps", 0),
+        in_range(o.base_lr, "optim.base_lr", 0, lo_open=True),
+        in_range(o.warmup_lr, "optim.warmup_lr", 0),
+        in_range(o.min_lr, "optim.min_lr", 0),
+        in_range(o.lr_scale_batch, "optim.lr_scale_batch", 1),
+        in_range(o.weight_decay, "optim.weight_decay", 0),
+        (len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+         f"optim.betas must be two values in [0, 1), got {o.betas}"),
+        in_range(o.eps, "optim.eps", 0, lo_open=True),
+        in_range(o.clip_grad, "optim.clip_grad", 0),
+        one_of(o.precision, "optim.precision", ("bf16", "fp16", "fp32")),
+        in_range(o.max_nonfinite, "optim.max_nonfinite", 1),
+        in_range(c.every_steps, "checkpoint.every_steps", 1),
+        in_range(c.keep, "checkpoint.keep", 1),
+        in_range(c.term_save_budget_s, "checkpoint.term_save_budget_s", 0),
+        in_range(lg.every_steps, "log.every_steps", 1),
+        in_range(lg.eval_every_steps, "log.eval_every_steps", 0),
     ]
+    if m.embed_dim is not None:
+        checks.append(in_range(m.embed_dim, "model.embed_dim", 1))
+    if o.zero_stage is not None:
+        checks.append(one_of(o.zero_stage, "optim.zero_stage", (0, 1, 2, 3)))
+        checks.append((cfg.backend == "deepspeed" or o.zero_stage == 0,
+                       f"optim.zero_stage={o.zero_stage} needs backend \"deepspeed\" (the accelerate backend runs "
+                       "plain DDP): set backend=deepspeed, or drop optim.zero_stage"))
+    checks.append((cfg.backend == "deepspeed" or not cfg.deepspeed,
+                   f"deepspeed settings {sorted(cfg.deepspeed)} need backend \"deepspeed\"; this run's backend is "
+                   f"{cfg.backend!r}"))
+    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+    clash = sorted(reserved & set(cfg.deepspeed))
+    checks.append((not clash, f"deepspeed.{clash[0] if clash else ''} is derived from optim.global_batch and "
+                              "optim.micro_batch: set those instead"))
+    return checks
 
 
 def raise_failed(checks: list[tuple[bool, str]]) -> None:
@@ -220,26 +342,10 @@ def raise_failed(checks: list[tuple[bool, str]]) -> None:
             raise ConfigError(msg)
 
 
-def validate(cfg: TrainConfig) -> None:
-    o, m = cfg.optim, cfg.model
-    checks = run_checks(cfg) + [
-        (o.zero_stage in (0, 1, 2, 3), f"optim.zero_stage must be 0..3, got {o.zero_stage}"),
-        (o.micro_batch > 0 and o.global_batch > 0, "optim.micro_batch and optim.global_batch must be > 0"),
-        (o.global_batch % o.micro_batch == 0,
-         f"optim.global_batch={o.global_batch} is not a multiple of optim.micro_batch={o.micro_batch}"),
-        (cfg.data.on_bad_shard in ("fatal", "skip"), "data.on_bad_shard must be 'fatal' or 'skip'"),
-        (cfg.aug.img_size in (224, m.img_size), f"aug.img_size={cfg.aug.img_size} differs from "
-                                                f"model.img_size={m.img_size}: set model.img_size only"),
-        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
-        (len(o.betas) == 2, "optim.betas must have two values"),
-    ]
-    raise_failed(checks)
-    cfg.aug.img_size = m.img_size  # one source of truth
-    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
-    clash = reserved & set(cfg.deepspeed)
-    if clash:
-        raise ConfigError(f"deepspeed.{sorted(clash)[0]} is derived from optim.global_batch and "
-                          "optim.micro_batch: set those instead")
+def validate(cfg: RunConfig) -> None:
+    """Every check of `cfg.checks()`, then derived values (aug.img_size follows model.img_size)."""
+    raise_failed(cfg.checks())
+    cfg.aug.img_size = cfg.model.img_size  # one source of truth
 
 
 # ------------------------------------------------------------------------------------ reference docs
@@ -257,13 +363,23 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
+# Keys that act only in some runs (the "applies to" column of docs/config.md); every other key acts in both
+# stages, on either backend. A key that would act nowhere in a run is an error there (run_checks).
+APPLIES = {"optim.zero_stage": "backend deepspeed", "deepspeed": "backend deepspeed",
+           "finetune.": "fine-tuning"}
+
+
 def reference_markdown(extra: tuple = ()) -> str:
     """The config reference (docs/config.md), generated from the schema so it can't drift.
     `extra`: more (dataclass, prefix) sections, e.g. fine-tuning's."""
     lines = ["# Config reference", "",
              "Generated by `python -m finetune.config > docs/config.md` from `pretrain/config.py` (pretraining) and",
-             "`finetune/config.py` (fine-tuning adds the `finetune` section). Every key, its type, its default.",
-             "Override any of them with `--set section.key=value`.", ""]
+             "`finetune/config.py` (fine-tuning adds the `finetune` section). Every key, its type, its default,",
+             "and where it acts: pretraining and fine-tuning run the same loop, so almost every key acts in both.",
+             "Fine-tuning's defaults differ in two keys: `backend` is `\"accelerate\"` and `run_dir` is",
+             "`\"runs/finetune\"`. Every key is checked on load (type, range, choices); a key that would act nowhere",
+             "in a run (e.g. `optim.zero_stage` with backend accelerate) is an error there.",
+             "Override any key with `--set section.key=value`.", ""]
 
     def section(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -275,10 +391,13 @@ def reference_markdown(extra: tuple = ()) -> str:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tname = str(tp).replace("typing.", "") if typing.get_origin(tp) else tp.__name__
-            rows.append(f"| `{prefix}{f.name}` | {tname} | `{json.dumps(default)}` | {comments.get(f.name, '')} |")
+            key = f"{prefix}{f.name}"
+            applies = APPLIES.get(key) or APPLIES.get(prefix) or "both stages"
+            meaning = comments.get(f.name, "").replace("|", "\\|")  # a table cell
+            rows.append(f"| `{key}` | {tname} | `{json.dumps(default)}` | {applies} | {meaning} |")
         if rows:
-            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "", "| key | type | default | meaning |",
-                          "|---|---|---|---|", *rows, ""])
+            lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "",
+                          "| key | type | default | applies to | meaning |", "|---|---|---|---|---|", *rows, ""])
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[f.name]):
                 section(hints[f.name], f"{prefix}{f.name}.")

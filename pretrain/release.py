@@ -1,40 +1,33 @@
-"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout."""
+"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout.
+
+    python -m pretrain.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official]
+    (also `swin-export ...` and `python launch/export.py ...`)
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from typing import Optional
 
-from . import run_checkpoint as rc
 from .checkpoint import export
 from .config import TrainConfig, from_dict
+from .models import model_from_section
+from .training.checkpointing import load_run_weights, resolve_tag
 
-
-def resolve_tag(path: str, tag: Optional[str] = None) -> tuple[str, str]:
-    """(checkpoint dir, tag) from a run dir, a checkpoint dir or a tag folder."""
-    path = path.rstrip("/")
-    if tag:
-        return path, tag
-    if os.path.exists(os.path.join(path, rc.MARKER)):
-        return os.path.split(path)
-    for ckpt_dir in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(ckpt_dir, rc.POINTER)):
-            return ckpt_dir, rc.latest_tag(ckpt_dir)
-    raise FileNotFoundError(f"{path}: no complete checkpoint (no {rc.POINTER} here or in {path}/checkpoints)")
+LAYOUTS = ("ours", "timm", "official")
 
 
 def export_release(path: str, out_dir: Optional[str] = None, tag: Optional[str] = None,
-                   layouts: tuple[str, ...] = ("ours", "timm", "official")) -> list[str]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from .engine import model_from_section
-
+                   layouts: tuple[str, ...] = LAYOUTS) -> list[str]:
     ckpt_dir, tag = resolve_tag(path, tag)
     with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
-        cfg: TrainConfig = from_dict(TrainConfig, json.load(f))
-    model = model_from_section(cfg)
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    model.load_state_dict(state, strict=True)
+        saved = json.load(f)
+    saved.pop("finetune", None)  # a fine-tuning run's checkpoint: the model section is what matters here
+    cfg: TrainConfig = from_dict(TrainConfig, saved)
+    model = model_from_section(cfg.model)
+    model.load_state_dict(load_run_weights(ckpt_dir, tag), strict=True)
     out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
     c = model.cfg
     stem = f"{cfg.model.variant}_{c.img_size[0]}_w{c.window_size}_{c.num_classes}cls_{tag}"
@@ -44,3 +37,23 @@ def export_release(path: str, out_dir: Optional[str] = None, tag: Optional[str] 
             continue  # timm's Swin has no absolute position embedding
         written.append(export(model, os.path.join(out_dir, f"{stem}.{layout}.safetensors"), layout=layout))
     return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pretrain.release", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="run dir, its checkpoints/ dir, or one tag folder")
+    p.add_argument("--tag", help="default: the newest complete checkpoint")
+    p.add_argument("--out", help="default: <run dir>/export")
+    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    a = p.parse_args(argv)
+    try:
+        for path in export_release(a.path, a.out, a.tag, tuple(a.layouts)):
+            print(f"wrote {path}")
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,19 +15,19 @@ from pretrain.checkpoint import (CheckpointError, CheckpointMismatchError, expor
 from pretrain.classes import map22k_to_1k
 from pretrain.models import build_model
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # sources: tests/fixtures/README.md
 REPO = Path(__file__).resolve().parents[1]
 
 
 def official_fixture(name: str) -> dict:
-    path = SHARED / f"official_swin_{name}_patch4_window7_224_22k.keys.json"
+    path = FIXTURES / f"official_swin_{name}_patch4_window7_224_22k.keys.json"
     if not path.exists():
-        pytest.fail(f"{path} is missing: the shared fixtures must sit beside the checkout")
+        pytest.fail(f"{path} is missing: tests/fixtures/ is part of the checkout")
     return json.loads(path.read_text())
 
 
 def official_map22kto1k() -> list[int]:
-    return [int(x) for x in (SHARED / "map22kto1k.txt").read_text().split()]
+    return [int(x) for x in (FIXTURES / "map22kto1k.txt").read_text().split()]
 
 
 def tiny(**kw):

@@ -321,3 +321,23 @@ def test_tar_reader_matches_tarfile_with_long_pax_names():
     assert sorted(got) == sorted(ref) and len(got) == 6
     with pytest.raises(tarfile.ReadError):
         list(iter_samples(io.BytesIO(raw[:1500])))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_writer_pool_and_loader_workers_under_each_start_method(shards, image_folder, tmp_path, method):
+    out = str(tmp_path / "out")
+    write_shards(WriteOptions(image_folder, out, val_per_class=2, samples_per_shard=7, workers=2,
+                              start_method=method), progress=False)
+    index = lambda d: pq.read_table(f"{d}/_index.parquet").to_pylist()  # noqa: E731
+    assert index(out) == index(shards)  # the same shards as the fixture's (fork) pool wrote
+
+    def keys(source: str, start_method: str) -> list[str]:
+        cfg = LoaderConfig(f"{source}/_info.json", batch_size=4, workers=2, aug=AUG, return_keys=True,
+                           start_method=start_method)
+        loader = build_loader(cfg, rank=0, world=1)
+        try:
+            return [k for batch in loader for k in batch[-1]]
+        finally:
+            loader.close()
+    got = keys(out, method)
+    assert got == keys(shards, "fork") and len(got) == 60  # 6 classes x 10 training images

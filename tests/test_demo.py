@@ -27,5 +27,7 @@ def test_config_reference_is_generated_from_the_schema():
     generated = subprocess.run([sys.executable, "-m", "finetune.config"], cwd=REPO, capture_output=True,
                                text=True).stdout
     assert (REPO / "docs" / "config.md").read_text() == generated, "run `make docs` to regenerate docs/config.md"
-    assert "| `optim.zero_stage` | int | `1` | DeepSpeed ZeRO stage 0..3 |" in generated
+    assert ("| `optim.zero_stage` | Optional[int] | `null` | backend deepspeed | DeepSpeed ZeRO stage 0..3 "
+            "(default 1); only with backend \"deepspeed\" |") in generated
+    assert "| `finetune.ema_decay` | float | `0.0` | fine-tuning |" in generated
     assert "`finetune.layer_decay`" in generated

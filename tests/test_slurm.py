@@ -13,9 +13,7 @@ import pytest
 
 from pretrain.slurm import SlurmEnvError, parse_nodelist, placement
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
-from test_engine import base_config, losses, shards  # noqa: E402,F401  (the shards fixture)
+from conftest import REPO, base_config, losses
 
 
 def test_nodelist_expansion():

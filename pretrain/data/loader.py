@@ -19,7 +19,6 @@ to the same batch count, so metrics count exactly `num_samples` images.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -32,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
 from .transforms import AugConfig, decode, eval_decode_min_side, eval_transform, seeded, train_transform
 
@@ -61,31 +62,84 @@ class LoaderConfig:
     retry_backoff_s: float = 1.0
     pin_memory: bool = True
     return_keys: bool = False  # append the sample keys to every batch (tests, debugging)
+    start_method: str = "auto"  # worker processes: auto (the platform's default), fork, spawn or forkserver
     aug: AugConfig = field(default_factory=AugConfig)
 
 
 # --------------------------------------------------------------------------------------------- shards
 
-def _mix(*parts) -> int:
-    """A stable 63-bit seed from any values (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def resolve_shards(source: str, split: str) -> list[tuple[str, Optional[int]]]:
     """[(url, expected samples or None)] from an _info.json (local or remote), a brace pattern or a list."""
     if source.endswith(".json"):
-        with fsspec.open(source, "r") as f:
-            info = json.load(f)
-        if split not in info.get("splits", {}):
-            raise DataError(f"{source}: no split {split!r}; it has {sorted(info.get('splits', {}))}")
+        info = read_manifest(source)
+        if split not in info["splits"]:
+            raise DataError(f"{source}: no split {split!r}; it has {sorted(info['splits'])}")
         s = info["splits"][split]
         base = source.rsplit("/", 1)[0] + "/" if "/" in source else ""
-        return [(f if "://" in f or f.startswith(("/", "pipe:")) else base + f, n)
-                for f, n in zip(s["filenames"], s["shard_lengths"])]
+        shards = [(f if "://" in f or f.startswith(("/", "pipe:")) else base + f, n)
+                  for f, n in zip(s["filenames"], s["shard_lengths"])]
+        check_manifest(source, split, s, shards)
+        return shards
     urls = [u for part in source.split(",") for u in braceexpand(part.strip()) if u]
     if not urls:
         raise DataError(f"no shards in {source!r}")
     return [(u, None) for u in urls]
+
+
+def read_manifest(source: str) -> dict:
+    """An _info.json (timm's format), its structure checked; DataError naming the file otherwise."""
+    try:
+        with fsspec.open(source, "r") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{source}: no such manifest; point data.train/data.val at the shards' _info.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{source}: not valid JSON ({e}); rerun the shard writer to rewrite it") from None
+    splits = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(splits, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("filenames"), list) and isinstance(v.get("shard_lengths"), list)
+            and len(v["filenames"]) == len(v["shard_lengths"])
+            and all(isinstance(n, int) and n >= 0 for n in v["shard_lengths"]) for v in splits.values()):
+        raise DataError(f"{source}: not a shard manifest (expected splits.<name>.filenames and shard_lengths of "
+                        "equal length, counts >= 0); rerun the shard writer to rewrite it")
+    return info
+
+
+MIN_SAMPLE_BYTES = 1024  # a sample is >= 2 tar members (jpg, cls) of >= 512 header + 512 data bytes
+
+
+def check_manifest(source: str, split: str, s: dict, shards: list[tuple[str, Optional[int]]]) -> None:
+    """The manifest's counts against what is cheap to read at startup: `_index.parquet` beside it (one row
+    per sample written) and, for local shards, the files' sizes. A disagreement is refused: a wrong count
+    would silently stretch the epoch and the lr schedule, or read samples twice."""
+    index_url = source.rsplit("/", 1)[0] + "/_index.parquet" if "/" in source else "_index.parquet"
+    fs, index_path = fsspec.core.url_to_fs(index_url)
+    if fs.exists(index_path):
+        import pyarrow.parquet as pq
+        with fs.open(index_path, "rb") as f:
+            names = pq.read_table(f, columns=["shard"]).column("shard").to_pylist()
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        wrong = [(f, n, counts.get(f.rsplit("/", 1)[-1], 0)) for f, n in zip(s["filenames"], s["shard_lengths"])
+                 if counts.get(f.rsplit("/", 1)[-1], 0) != n]
+        if wrong:
+            shown = ", ".join(f"{f}: {n} (index: {m})" for f, n, m in wrong[:5])
+            raise DataError(f"{source}: split {split!r} shard counts disagree with {index_url} for {len(wrong)} "
+                            f"shard(s): {shown}. Rerun the shard writer on the same output to rewrite the "
+                            "manifest, or fix _info.json")
+    total = s.get("num_samples")
+    if total is not None and total != sum(s["shard_lengths"]):
+        raise DataError(f"{source}: split {split!r} num_samples={total} but its shard_lengths add up to "
+                        f"{sum(s['shard_lengths'])}; rerun the shard writer to rewrite the manifest")
+    for url, n in shards:
+        sfs, path = fsspec.core.url_to_fs(url) if not url.startswith("pipe:") else (None, None)
+        if not isinstance(sfs, LocalFileSystem) or not sfs.exists(path):
+            continue  # remote shards are checked as they are read (counts per shard, retries)
+        size = sfs.size(path)
+        if n and size < n * MIN_SAMPLE_BYTES:
+            raise DataError(f"{url}: {size} bytes cannot hold the {n} samples {source} lists for it; the shard "
+                            "is truncated or the manifest is wrong (python -m pretrain.make_shards verify)")
 
 
 def open_shard(url: str, allow_pipe: bool):
@@ -168,6 +222,11 @@ def deal(shards: list[tuple[str, Optional[int]]], bins: int) -> list[list[tuple[
 
 # ----------------------------------------------------------------------------------------- dataset
 
+def mp_context(method: str) -> mp.context.BaseContext:
+    """The multiprocessing context for `method` ("auto": the platform's default start method)."""
+    return mp.get_context(None if method == "auto" else method)
+
+
 class ShardStream(IterableDataset):
     """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,)."""
 
@@ -183,7 +242,9 @@ class ShardStream(IterableDataset):
             raise DataError(f"{len(self.shards)} shards for {world} ranks x {self.roles} workers: need at least "
                             f"{world * self.roles}; write smaller shards (--samples-per-shard) or use fewer workers")
         # Shared with (persistent) worker processes, so set_epoch reaches them.
-        self._epoch, self._start, self.corrupt = mp.Value("q", 0), mp.Value("q", 0), mp.Value("q", 0)
+        # Made in the workers' own context: a lock made for fork can't be passed to spawned workers.
+        ctx = mp_context(cfg.start_method)
+        self._epoch, self._start, self.corrupt = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
         aug = cfg.aug
         self.transform = train_transform(aug) if training else eval_transform(aug)
         self.min_side = eval_decode_min_side(aug)  # evaluation; training decodes per crop
@@ -195,7 +256,7 @@ class ShardStream(IterableDataset):
             mine = self.shards[rank::self.world]
             return [mine[r::self.roles] for r in range(self.roles)]
         shards = list(self.shards)
-        random.Random(_mix(self.cfg.seed, self.epoch, "shards")).shuffle(shards)
+        random.Random(mix_seed(self.cfg.seed, self.epoch, "shards")).shuffle(shards)
         roles = deal(deal(shards, self.world)[rank], self.roles)
         roles.sort(key=lambda s: -sum(n for _, n in s))  # the roles taking an extra batch have most data
         return roles
@@ -270,7 +331,7 @@ class ShardStream(IterableDataset):
 
     def _raw(self, shards, role: int) -> Iterator[tuple[str, dict, str]]:
         """Shuffled raw samples of one role; cycles its shards if they run short (keeps batch counts)."""
-        rng = random.Random(_mix(self.cfg.seed, self.epoch, self.rank, role, "buffer"))
+        rng = random.Random(mix_seed(self.cfg.seed, self.epoch, self.rank, role, "buffer"))
         buf: list = []
         for cycle in range(1_000_000 if self.training else 1):
             got = 0
@@ -296,7 +357,7 @@ class ShardStream(IterableDataset):
             data = sample["jpg"]
             label = int(sample["cls"])
             if self.training:  # the transform decodes only what its random crop needs
-                return seeded(_mix(self.cfg.seed, self.epoch, key), self.transform, data), label
+                return seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data), label
             return self.transform(decode(data, self.min_side)), label
         except DataError:
             raise
@@ -416,6 +477,7 @@ class ShardLoader:
             # Its own generator: creating an iterator must not draw from the global torch RNG, or a resumed
             # run's dropout/drop-path streams would shift by one draw against an uninterrupted run.
             self._loader = DataLoader(self.dataset, batch_size=None, num_workers=w,
+                                      multiprocessing_context=mp_context(self.cfg.start_method) if w else None,
                                       pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
                                       persistent_workers=w > 0, prefetch_factor=2 if w else None,
                                       generator=torch.Generator().manual_seed(self.cfg.seed),

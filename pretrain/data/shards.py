@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import tarfile
@@ -26,12 +27,13 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ..io import read_bytes, write_bytes_atomic
-from .loader import iter_samples
+from .loader import iter_samples, read_manifest
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
                           ("class_name", pa.string()), ("bytes", pa.int64()), ("width", pa.int32()),
                           ("height", pa.int32()), ("source", pa.string())])
+log = logging.getLogger(__name__)
 PLAN_FIELDS = ("src", "val_per_class", "samples_per_shard", "max_shard_bytes", "max_side", "seed", "quality")
 
 
@@ -60,30 +62,45 @@ class WriteOptions:
     workers: int = 1
     image_column: Optional[str] = None
     label_column: str = "label"
+    start_method: str = "auto"  # worker pool: auto (the platform's default), fork, spawn or forkserver
 
 
 # ------------------------------------------------------------------------------------------- sources
 
-def _list_folder(root: str) -> list[Item]:
-    items = []
-    for cls in sorted(d.name for d in os.scandir(root) if d.is_dir()):
+@dataclass
+class Listing:
+    """What a source holds: the images, every class it names (with images or not), and the inputs that
+    could not even be listed (dangling or looping symlinks), with the reason."""
+    items: list[Item]
+    class_names: set[str]
+    problems: list[dict]
+
+
+def _list_folder(root: str) -> Listing:
+    items, problems = [], []
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    for cls in classes:
         for dirpath, _, files in os.walk(os.path.join(root, cls)):
             for f in sorted(files):
                 if f.lower().endswith(IMAGE_EXTS):
                     p = os.path.join(dirpath, f)
-                    items.append(Item(("file", p), cls, os.path.getsize(p)))
-    return items
+                    try:
+                        items.append(Item(("file", p), cls, os.path.getsize(p)))
+                    except OSError as e:  # a dangling symlink, a symlink loop, no permission
+                        problems.append({"source": p, "class": cls, "reason": f"unreadable: {e.strerror or e}"})
+    return Listing(items, set(classes), problems)
 
 
-def _list_class_tars(root: str) -> list[Item]:
+def _list_class_tars(root: str) -> Listing:
     items = []
-    for name in sorted(f for f in os.listdir(root) if f.endswith(".tar")):
+    names = sorted(f for f in os.listdir(root) if f.endswith(".tar"))
+    for name in names:
         path = os.path.join(root, name)
         with tarfile.open(path) as tf:
             for m in tf.getmembers():
                 if m.isfile() and m.name.lower().endswith(IMAGE_EXTS):
                     items.append(Item(("tar", path, m.name), name[:-4], m.size))
-    return items
+    return Listing(items, {n[:-4] for n in names}, [])
 
 
 def _parquet_image_column(schema: pa.Schema, wanted: Optional[str]) -> str:
@@ -97,7 +114,7 @@ def _parquet_image_column(schema: pa.Schema, wanted: Optional[str]) -> str:
     raise ValueError(f"no image column found in parquet columns {schema.names}; pass --image-column")
 
 
-def _list_parquet(root: str, label_column: str) -> list[Item]:
+def _list_parquet(root: str, label_column: str) -> Listing:
     files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.endswith(".parquet")) \
         if os.path.isdir(root) else [root]
     items = []
@@ -107,7 +124,7 @@ def _list_parquet(root: str, label_column: str) -> list[Item]:
         table = pq.read_table(path, columns=[label_column])
         for row, label in enumerate(table.column(label_column).to_pylist()):
             items.append(Item(("parquet", path, row), str(label)))
-    return items
+    return Listing(items, {it.class_name for it in items}, [])
 
 
 def detect_source(src: str) -> str:
@@ -123,7 +140,7 @@ def detect_source(src: str) -> str:
     raise ValueError(f"{src}: found no class folders, <class>.tar archives or .parquet files")
 
 
-def list_items(opts: WriteOptions) -> list[Item]:
+def list_items(opts: WriteOptions) -> Listing:
     kind = detect_source(opts.src)
     if kind == "folder":
         return _list_folder(opts.src)
@@ -132,8 +149,9 @@ def list_items(opts: WriteOptions) -> list[Item]:
     return _list_parquet(opts.src, opts.label_column)
 
 
-def class_order(items: list[Item]) -> list[str]:
-    names = {it.class_name for it in items}
+def class_order(names: set[str]) -> list[str]:
+    """Class index = position here: sorted names (class folders, tar names), every class the source
+    names, with images or not, so that an empty class never shifts the ones after it."""
     # Integer labels (parquet) sort numerically so that label i stays class i.
     if all(n.lstrip("-").isdigit() for n in names):
         return sorted(names, key=int)
@@ -268,7 +286,7 @@ def write_shard(job: ShardJob) -> tuple[str, int, list[dict]]:
     read = _Reader(job.opts.image_column)
     rows, errors = [], []
     buf = io.BytesIO()
-    with wds.TarWriter(buf) as sink:
+    with wds.TarWriter(buf, mtime=0) as sink:  # a fixed mtime: the same input gives the same bytes
         for offset, it in enumerate(job.items):
             key = f"{job.split}{job.start + offset:09d}"
             try:
@@ -285,13 +303,31 @@ def write_shard(job: ShardJob) -> tuple[str, int, list[dict]]:
                          "bytes": len(jpg), "width": w, "height": h, "source": it.source})
             if note:
                 errors.append({"source": it.source, "class": it.class_name, "reason": note, "kept": True})
-    write_bytes_atomic(_join(job.opts.out, job.name), buf.getvalue())
+    data = buf.getvalue()
+    write_bytes_atomic(_join(job.opts.out, job.name), data)
     part = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), part)
-    # The part is written after the shard: a part on disk means its shard is complete.
     write_bytes_atomic(_join(job.opts.out, f"_parts/{job.name}.errors.json"), json.dumps(errors).encode())
     write_bytes_atomic(_join(job.opts.out, f"_parts/{job.name}.parquet"), part.getvalue())
+    # Written last: the shard is finished if this exists and the shard still has this size.
+    write_bytes_atomic(_join(job.opts.out, f"_parts/{job.name}.done.json"),
+                       json.dumps({"bytes": len(data), "samples": len(rows)}).encode())
     return job.name, len(rows), errors
+
+
+def _finished(fs, out: str, name: str) -> bool:
+    """A shard from an earlier run counts only if its done record exists and its size still matches
+    (a shard truncated after it was written is written again)."""
+    done = _join(out, f"_parts/{name}.done.json")
+    if not fs.exists(done):
+        return False
+    want = json.loads(read_bytes(done))["bytes"]
+    path = fsspec.core.url_to_fs(_join(out, name))[1]
+    if fs.exists(path) and fs.size(path) == want:
+        return True
+    log.warning("%s: %s bytes, written as %d: writing it again", _join(out, name),
+                fs.size(path) if fs.exists(path) else "missing, 0", want)
+    return False
 
 
 def _plan_fingerprint(opts: WriteOptions, n_items: int) -> dict:
@@ -312,11 +348,17 @@ def _check_plan(fs, out: str, plan: dict) -> None:
 
 def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
     """Plan, write (in parallel, skipping finished shards) and write the manifest. Returns a summary."""
-    items = list_items(opts)
+    listing = list_items(opts)
+    items = listing.items
     if not items:
         raise ValueError(f"{opts.src}: no images found")
-    classes = class_order(items)
+    classes = class_order(listing.class_names)
     class_idx = {c: i for i, c in enumerate(classes)}
+    have = {it.class_name for it in items}
+    empty = [c for c in classes if c not in have]
+    problems = listing.problems + [
+        {"source": _join(opts.src, c), "class": c, "reason": f"empty class: no images; kept as class {class_idx[c]} "
+         "so that the classes after it keep their indices", "empty_class": True} for c in empty]
     fs, _ = fsspec.core.url_to_fs(opts.out)
     fs.makedirs(fsspec.core.url_to_fs(_join(opts.out, "_parts"))[1], exist_ok=True)
     _check_plan(fs, opts.out, _plan_fingerprint(opts, len(items)))
@@ -326,23 +368,22 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
         for i, shard in enumerate(chunk(members, opts.samples_per_shard, opts.max_shard_bytes)):
             jobs.append(ShardJob(split, i, start, shard, class_idx, opts))
             start += len(shard)
-    todo = [j for j in jobs if not fs.exists(_join(opts.out, f"_parts/{j.name}.parquet"))]
+    todo = [j for j in jobs if not _finished(fs, opts.out, j.name)]
     t0 = time.time()
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(j.items) for j in todo), unit="img", desc="writing shards", smoothing=0.1)
     if todo:
-        # fork: workers inherit the parent's imports and path (a spawned child would re-run the caller's
-        # script, which breaks for scripts that edit sys.path, like launch/*.py).
-        with get_context("fork").Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+        ctx = get_context(None if opts.start_method == "auto" else opts.start_method)
+        with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
             for name, n, _ in pool.imap_unordered(write_shard, todo):
                 if bar:
                     bar.update(n)
     if bar:
         bar.close()
-    summary = write_manifest(opts.out, jobs, classes)
-    summary.update(skipped_shards=len(jobs) - len(todo), seconds=time.time() - t0,
+    summary = write_manifest(opts.out, jobs, classes, problems, name=os.path.basename(opts.src.rstrip("/")))
+    summary.update(empty_classes=empty, skipped_shards=len(jobs) - len(todo), seconds=time.time() - t0,
                    written_images=sum(len(j.items) for j in todo))
     return summary
 
@@ -361,8 +402,12 @@ class _Serial:
         return map(fn, jobs)
 
 
-def write_manifest(out: str, jobs: list[ShardJob], classes: list[str]) -> dict:
-    tables, errors = [], []
+def write_manifest(out: str, jobs: list[ShardJob], classes: list[str], problems: list[dict] = (),
+                   name: str = "") -> dict:
+    """_index.parquet, _info.json (timm's format; `name` is the source's, so the same input gives the same
+    bytes wherever it is written), classes.txt and _errors.json (every input skipped or converted, every
+    empty class)."""
+    tables, errors = [], list(problems)
     for j in jobs:
         tables.append(pq.read_table(io.BytesIO(read_bytes(_join(out, f"_parts/{j.name}.parquet")))))
         errors += json.loads(read_bytes(_join(out, f"_parts/{j.name}.errors.json")))
@@ -378,22 +423,22 @@ def write_manifest(out: str, jobs: list[ShardJob], classes: list[str]) -> dict:
         names = [j.name for j in jobs if j.split == split]
         lengths = [counts[n] for n in names]
         splits[split] = {"name": split, "filenames": names, "shard_lengths": lengths, "num_samples": sum(lengths)}
-    info = {"name": os.path.basename(out.rstrip("/")), "num_classes": len(classes), "splits": splits}
+    info = {"name": name or os.path.basename(out.rstrip("/")), "num_classes": len(classes), "splits": splits}
     write_bytes_atomic(_join(out, "_info.json"), json.dumps(info, indent=1).encode())
     write_bytes_atomic(_join(out, "classes.txt"), ("\n".join(classes) + "\n").encode())
-    skipped = [e for e in errors if not e.get("kept")]
+    skipped = [e for e in errors if not e.get("kept") and not e.get("empty_class")]
     write_bytes_atomic(_join(out, "_errors.json"), json.dumps(errors, indent=1).encode())
     return {"samples": {s: v["num_samples"] for s, v in splits.items()},
             "shards": {s: len(v["filenames"]) for s, v in splits.items()},
             "classes": len(classes), "skipped_inputs": len(skipped),
-            "converted_inputs": len(errors) - len(skipped)}
+            "converted_inputs": sum(1 for e in errors if e.get("kept"))}
 
 
 # ------------------------------------------------------------------------------------------- verify
 
 def verify_shards(out: str) -> dict:
     """Check every shard against `_info.json`: readable, complete, decodable, labelled."""
-    info = json.loads(read_bytes(_join(out, "_info.json")))
+    info = read_manifest(_join(out, "_info.json"))
     bad: list[dict] = []
     checked = 0
     for split, s in info["splits"].items():

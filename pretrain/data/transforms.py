@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import io
 import random
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup
+from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
 
+from ..config import AugConfig
 from .jpeg import RoiDecoder, roi_decoder
 
 
@@ -47,28 +47,7 @@ def _patch_timm_posterize() -> None:
 
 _patch_timm_posterize()
 
-
-@dataclass
-class AugConfig:
-    """Official Swin recipe defaults."""
-    img_size: int = 224  # set from model.img_size
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null: off
-    color_jitter: float = 0.4  # timm applies it only when auto_augment is off
-    interpolation: str = "bicubic"  # resize interpolation (timm names)
-    hflip: float = 0.5  # horizontal flip probability
-    re_prob: float = 0.25  # random erasing probability (on the device)
-    mixup: float = 0.8  # Mixup alpha; 0 with cutmix 0 turns mixing off
-    cutmix: float = 1.0  # CutMix alpha
-    mixup_prob: float = 1.0  # probability of mixing a batch
-    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
-    label_smoothing: float = 0.1  # on the (mixed) targets
-    eval_crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
-    eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
-    # Per sample from the random crop in training (DecodeRandomResizedCrop), from the resize in evaluation.
-    draft_decode: bool = True  # decode JPEGs at a reduced DCT scale where the result stays >= the output size
-    jpeg_roi: str = "auto"  # training: decode only the crop (libjpeg-turbo): auto, on (required) or off
-    mean: tuple = IMAGENET_DEFAULT_MEAN  # normalization, on the device
-    std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
+__all__ = ["AugConfig", "BatchAugment", "train_transform", "eval_transform"]
 
 
 def decode(data: bytes, min_side: int = 0) -> Image.Image:

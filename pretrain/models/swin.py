@@ -182,6 +182,14 @@ class SwinTransformer(nn.Module):
             names.add("absolute_pos_embed")
         return names
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layers for layer-wise lr decay (timm's matcher format): the stem, then each block in order (patch
+        merging with its stage's first block), then the final norm and the head together as the top layer
+        (SimMIM's Swin fine-tuning; timm's own Swin puts the norm with the last block, the head above)."""
+        blocks = r"^layers\.(\d+)" if coarse else [(r"^layers\.(\d+).downsample", (0,)),
+                                                  (r"^layers\.(\d+)\.\w+\.(\d+)", None)]
+        return dict(stem=r"^patch_embed|^absolute_pos_embed", blocks=blocks, head=r"^norm|^head")
+
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalized last-stage tokens (B, H/32, W/32, C)."""
         x = self.patch_embed(x)
@@ -218,6 +226,15 @@ def build_model(variant: str = "swin_tiny", **overrides) -> SwinTransformer:
     >>> m = build_model("swin_base", img_size=384, window_size=12, num_classes=1000)
     """
     return SwinTransformer(build_config(variant, **overrides))
+
+
+def model_from_section(m) -> SwinTransformer:
+    """The model a run config's `model` section describes (variant + any architecture overrides)."""
+    arch = {k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads") if getattr(m, k) is not None}
+    model = build_model(m.variant, img_size=m.img_size, window_size=m.window_size, num_classes=m.num_classes,
+                        drop_path_rate=m.drop_path_rate, ape=m.ape, attn_impl=m.attn_impl, **arch)
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
 
 
 def model_from_config(cfg: SwinConfig | dict) -> SwinTransformer:

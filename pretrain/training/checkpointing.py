@@ -1,7 +1,8 @@
-"""Training checkpoints on top of DeepSpeed's: our own `latest` pointer, written last, and retention.
+"""Training checkpoints, whatever the backend: our own `latest` pointer, written last, and retention.
 
 Layout of `<checkpoint dir>`:
-    step00001000/            DeepSpeed's files for that tag + rng_rank{r}.pt + config.json + COMPLETE
+    step00001000/            the backend's files for that tag (DeepSpeed's, or model.safetensors +
+                             optimizer.pt) + rng_rank{r}.pt + client_state.json + config.json + COMPLETE
     latest_complete          the tag of the newest checkpoint every rank finished writing
 
 DeepSpeed writes its own `latest` before its final barrier, so a crash mid-save can leave it pointing at
@@ -20,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .io import write_bytes_atomic
+from ..io import write_bytes_atomic
 
 POINTER = "latest_complete"
 MARKER = "COMPLETE"
@@ -36,14 +37,20 @@ def step_of(tag: str) -> int:
 
 
 def rng_state() -> dict:
+    """Every generator a training step draws from (drop-path on the GPU uses the CUDA one)."""
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(_tuplify(state["python"]))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
@@ -98,3 +105,40 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
         shutil.rmtree(os.path.join(ckpt_dir, t), ignore_errors=True)
         removed.append(t)
     return removed
+
+
+class RunExistsError(ValueError):
+    """A fresh run was started where a run already has checkpoints."""
+
+
+def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
+    """A fresh start must not write into another run's checkpoints (their tags would collide)."""
+    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if tag is not None:
+        raise RunExistsError(
+            f"{run_dir} already holds a run (checkpoints in {ckpt_dir}, newest {tag}): continue it with "
+            f"--resume auto, start elsewhere with another run_dir (--set run_dir=... or --output), or delete "
+            f"{ckpt_dir} to start over")
+
+
+def load_run_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
+    """The fp32 model weights of one checkpoint, whichever backend wrote it."""
+    path = os.path.join(ckpt_dir, tag)
+    if os.path.exists(os.path.join(path, "model.safetensors")):  # accelerate backend
+        from safetensors.torch import load_file
+        return load_file(os.path.join(path, "model.safetensors"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+def resolve_tag(path: str, tag: Optional[str] = None) -> tuple[str, str]:
+    """(checkpoint dir, tag) from a run dir, a checkpoint dir or a tag folder."""
+    path = path.rstrip("/")
+    if tag:
+        return path, tag
+    if os.path.exists(os.path.join(path, MARKER)):
+        return os.path.split(path)
+    for ckpt_dir in (path, os.path.join(path, "checkpoints")):
+        if os.path.exists(os.path.join(ckpt_dir, POINTER)):
+            return ckpt_dir, latest_tag(ckpt_dir)
+    raise FileNotFoundError(f"{path}: no complete checkpoint (no {POINTER} here or in {path}/checkpoints)")

@@ -1,0 +1,83 @@
+"""What fine-tuning adds to the training loop: the pretrained weights (moved to the new resolution and
+window), layer-wise lr decay, an EMA, and the export of the result."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from pretrain.checkpoint import export, load_pretrained
+from pretrain.models import model_from_section
+from pretrain.training import Stage, Trainer
+from pretrain.training.checkpointing import latest_tag, load_run_weights, resolve_tag
+
+from .config import FinetuneConfig
+
+
+def resolve_pretrained(source: str):
+    """A path/URL for load_pretrained, or, for one of our run/checkpoint folders, its consolidated fp32
+    state dict (whichever backend wrote it)."""
+    if "://" not in source and os.path.isdir(source):
+        return load_run_weights(*resolve_tag(source))
+    return source
+
+
+def _print0(msg: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(msg, flush=True)
+
+
+def load_weights(cfg: FinetuneConfig, model: torch.nn.Module) -> None:
+    ft = cfg.finetune
+    _print0(f"weights: {ft.pretrained}")
+    report = load_pretrained(model, resolve_pretrained(ft.pretrained), reset_head=ft.reset_head,
+                             allow_pickle=ft.allow_pickle)
+    _print0(str(report))
+
+
+def export_finetuned(trainer: Trainer, tag: str) -> None:
+    """fp32 weights of the final checkpoint (and its EMA) in our, timm's and the official layout."""
+    if trainer.rank != 0:
+        return
+    cfg = trainer.cfg
+    out = os.path.join(cfg.run_dir, "export")
+    path = os.path.join(cfg.checkpoint_dir, tag)
+    nets = {"finetuned": load_run_weights(cfg.checkpoint_dir, tag)}
+    if os.path.exists(os.path.join(path, "ema.safetensors")):
+        from safetensors.torch import load_file
+        nets["finetuned_ema"] = load_file(os.path.join(path, "ema.safetensors"))
+    for name, state in nets.items():
+        net = model_from_section(cfg.model)
+        net.load_state_dict(state, strict=True)
+        for layout in ("ours", "timm", "official"):
+            if layout == "timm" and net.cfg.ape:
+                continue  # timm's Swin has no absolute position embedding
+            _print0(f"wrote {export(net, os.path.join(out, f'{name}.{layout}.safetensors'), layout=layout)}")
+
+
+def finetune_stage(cfg: FinetuneConfig) -> Stage:
+    ft = cfg.finetune
+    return Stage(name="fine-tuning", init_weights=lambda model: load_weights(cfg, model),
+                 layer_decay=ft.layer_decay, ema_decay=ft.ema_decay, on_finish=export_finetuned)
+
+
+def evaluate_only(cfg: FinetuneConfig, resume: bool) -> dict:
+    """Evaluate the pretrained weights (or, with resume, the run's newest checkpoint) at cfg's resolution."""
+    def weights(model: torch.nn.Module) -> None:
+        if not resume:
+            return load_weights(cfg, model)
+        tag = latest_tag(cfg.checkpoint_dir) if os.path.isdir(cfg.checkpoint_dir) else None
+        if tag is None:
+            raise FileNotFoundError(f"--resume auto: no complete checkpoint in {cfg.checkpoint_dir}")
+        model.load_state_dict(load_run_weights(cfg.checkpoint_dir, tag), strict=True)
+        _print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")
+
+    stage = Stage(name="evaluation", init_weights=weights)
+    trainer = Trainer(cfg, resume=None, stage=stage, training=False)
+    try:
+        m = trainer.evaluate()
+    finally:
+        trainer.val_loader.close()
+    _print0(f"eval at {cfg.model.img_size}px, window {cfg.model.window_size}: top-1 {m['val_top1']:.2f}%  "
+            f"top-5 {m['val_top5']:.2f}%  ({m['val_samples']} images)")
+    return {k.removeprefix("val_"): v for k, v in m.items()}

@@ -1,0 +1,95 @@
+"""accelerate (DDP, autocast, GradScaler for fp16): weights as safetensors, optimizer as plain tensors.
+
+Checkpoint files (rank 0 writes them: under DDP every rank holds the same state): model.safetensors,
+optimizer.pt and, for fp16, scaler.pt, all readable with torch.load(weights_only=True); accelerate's own
+save_state pickles its RNG files, and the loop saves RNG state itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from datetime import timedelta
+from typing import Optional
+
+import torch
+
+from ..config import RunConfig
+from ..io import write_bytes_atomic
+from .backend import Backend
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class AccelerateBackend(Backend):
+    name = "accelerate"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+        precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.optim.precision]
+        self.acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
+                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
+        self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
+        self.model = self.optimizer = None
+
+    def prepare(self, model, optimizer, accum: int) -> None:
+        self.accum = accum
+        if optimizer is None:
+            self.model = self.acc.prepare(model)
+        else:
+            self.model, self.optimizer = self.acc.prepare(model, optimizer)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.acc.autocast():
+            return self.model(x).float()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        # DDP all-reduces only on the boundary's backward
+        sync = contextlib.nullcontext() if boundary or self.world == 1 else self.acc.no_sync(self.model)
+        with sync:
+            self.acc.backward(loss / self.accum)
+
+    def step(self) -> Optional[torch.Tensor]:
+        clip = self.cfg.optim.clip_grad
+        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip) if clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if norm is None else norm.detach().float()
+
+    def save(self, ckpt_dir: str, tag: str) -> None:
+        if self.rank != 0:
+            return
+        from safetensors.torch import save
+        path = os.path.join(ckpt_dir, tag)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
+        write_bytes_atomic(os.path.join(path, "model.safetensors"), save(state))
+        write_bytes_atomic(os.path.join(path, "optimizer.pt"), _torch_bytes(self.optimizer.state_dict()))
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None:
+            write_bytes_atomic(os.path.join(path, "scaler.pt"), _torch_bytes(scaler.state_dict()))
+
+    def load(self, ckpt_dir: str, tag: str, saved_world: int) -> None:
+        from safetensors.torch import load_file
+        path = os.path.join(ckpt_dir, tag)
+        if not os.path.exists(os.path.join(path, "model.safetensors")):
+            raise FileNotFoundError(f"{path} has no model.safetensors: it was not written by the accelerate "
+                                    "backend (resume with the backend that wrote it)")
+        self.module.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
+                                                  weights_only=True))
+        scaler = getattr(self.acc, "scaler", None)
+        if scaler is not None and os.path.exists(os.path.join(path, "scaler.pt")):
+            scaler.load_state_dict(torch.load(os.path.join(path, "scaler.pt"), weights_only=True))

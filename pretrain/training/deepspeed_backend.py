@@ -1,0 +1,109 @@
+"""DeepSpeed ZeRO 0-3 with bf16/fp16: the engine's checkpoints, universal conversion on a world-size change."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import RunConfig
+from .backend import DTYPES, Backend
+from .checkpointing import MARKER
+
+
+def deepspeed_config(cfg: RunConfig, world: int) -> dict:
+    o = cfg.optim
+    ds = {
+        "train_batch_size": o.global_batch,
+        "train_micro_batch_size_per_gpu": o.micro_batch,
+        "gradient_accumulation_steps": cfg.accumulation(world),
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": o.precision == "bf16"},
+        "fp16": {"enabled": o.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    return merge(ds, cfg.deepspeed)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(get_accelerator().current_device_name())
+        self.dtype = DTYPES[cfg.optim.precision]
+        self.engine = None
+
+    def prepare(self, model, optimizer, accum: int) -> None:
+        import deepspeed
+        self.accum = accum
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    config=deepspeed_config(self.cfg, self.world))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x.to(self.dtype)).float()
+
+    def backward(self, loss: torch.Tensor, boundary: bool) -> None:
+        # The engine counts micro-batches itself (it divides the loss by the accumulation steps and reduces
+        # on its boundary); skipped micro-batches reach neither, so both counts stay equal.
+        if self.engine.is_gradient_accumulation_boundary() != boundary:
+            raise RuntimeError(f"DeepSpeed's accumulation boundary disagrees with the loop's ({boundary})")
+        self.engine.backward(loss)
+        if not boundary:
+            self.engine.step()
+
+    def step(self) -> Optional[torch.Tensor]:
+        before = self.engine.global_steps
+        self.engine.step()
+        if self.engine.global_steps <= before:
+            raise RuntimeError("DeepSpeed did not count an update at the accumulation boundary")
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else torch.as_tensor(norm, dtype=torch.float32)
+
+    def save(self, ckpt_dir: str, tag: str) -> None:
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+
+    def load(self, ckpt_dir: str, tag: str, saved_world: int) -> None:
+        if saved_world != self.world:
+            tag = self._universal(ckpt_dir, tag)
+        path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:  # DeepSpeed only warns
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint {tag} in {ckpt_dir}")
+
+    def _universal(self, ckpt_dir: str, tag: str) -> str:
+        """Convert `tag` to DeepSpeed's universal format (once, on rank 0) for a different world size."""
+        out = f"{tag}.universal"
+        if self.rank == 0 and not os.path.exists(os.path.join(ckpt_dir, out, MARKER)):
+            print(f"converting {tag} to a universal checkpoint for {self.world} rank(s)", flush=True)
+            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                            os.path.join(ckpt_dir, tag), "--output_folder", os.path.join(ckpt_dir, out),
+                            "--inject_missing_state", "--no_strict"], check=True, stdout=subprocess.DEVNULL)
+            open(os.path.join(ckpt_dir, out, MARKER), "w").close()
+        self.barrier()
+        self.engine._config.load_universal_checkpoint = True
+        return out

@@ -1,0 +1,397 @@
+"""The one training loop, for pretraining and fine-tuning, on any backend (pretrain.training.backend).
+
+    Trainer(cfg, resume="auto" | TAG_DIR | None, stage=Stage(...)).fit()
+
+Per update: loader batches (uint8, workers) -> BatchAugment on the device (normalize, erase, Mixup, seeded
+by (seed, epoch, micro-batch, rank)) -> forward -> a non-finite loss on any rank skips that micro-batch on
+every rank -> backward (accumulation) -> step on the boundary. Then, on cadence: logs (all-reduced loss),
+evaluation, checkpoints; at every update boundary, all ranks agree on a preemption signal (USR1: save +
+requeue; TERM: save within the budget) before acting.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import slurm
+from ..config import ConfigError, RunConfig
+from ..data.jpeg import roi_decoder
+from ..data.loader import LoaderConfig, ShardLoader
+from ..data.transforms import BatchAugment
+from ..models import model_from_section
+from ..seeding import mix_seed
+from . import checkpointing as ckpt
+from .backend import Backend, build_backend
+from .metrics import MetricsWriter, forward_flops, peak_tflops, topk_counts, topk_metrics
+from .optim import WeightEma, build_criterion, build_optimizer, build_scheduler
+
+log = logging.getLogger("pretrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Preempted(SystemExit):
+    """Raised after the checkpoint on a preemption signal; the exit code says what happened."""
+
+
+@dataclass
+class Stage:
+    """What a stage adds to the loop: weights to start from, layer decay, an EMA, what to do at the end."""
+    name: str = "pretrain"
+    init_weights: Optional[Callable[[torch.nn.Module], None]] = None  # fresh runs only (resume: the checkpoint)
+    layer_decay: float = 1.0
+    ema_decay: float = 0.0
+    on_finish: Optional[Callable[["Trainer", str], None]] = None  # (trainer, final tag): e.g. export
+
+
+def loader_config(cfg: RunConfig, source: str, split: str) -> LoaderConfig:
+    """The shard loader's settings for one split of a run (micro-batch per rank, the run's augmentation)."""
+    d = cfg.data
+    return LoaderConfig(source, split=split, batch_size=cfg.optim.micro_batch, workers=d.workers, seed=cfg.seed,
+                        shuffle_buffer=d.shuffle_buffer, allow_pipe=d.allow_pipe, max_corrupt=d.max_corrupt,
+                        on_bad_shard=d.on_bad_shard, retries=d.retries, start_method=d.start_method, aug=cfg.aug)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: Optional[str] = None, stage: Optional[Stage] = None,
+                 training: bool = True):
+        self.cfg, self.stage, self.resume = cfg, stage or Stage(), resume
+        if self.stage.ema_decay and cfg.zero_stage == 3:
+            raise ConfigError("an EMA (finetune.ema_decay) needs whole weights on every rank: use "
+                              "optim.zero_stage 0-2 with it")
+        slurm.init_env_from_slurm()
+        self.backend: Backend = build_backend(cfg)
+        self.rank, self.world, self.device = self.backend.rank, self.backend.world, self.backend.device
+        self.accum = cfg.accumulation(self.world)
+        self._log0(f"{self.stage.name} on {self.world} rank(s), backend {self.backend.name}"
+                   + (f" (ZeRO-{cfg.zero_stage})" if self.backend.name == "deepspeed" else "")
+                   + f", {cfg.optim.precision}, device {self.device.type}")
+        seed_everything(cfg.seed + self.rank)
+        model = model_from_section(cfg.model)
+        if self.stage.init_weights is not None and not resume:
+            self.stage.init_weights(model)
+        self.flops_per_image = forward_flops(model, cfg.model.img_size) if self.rank == 0 and training else 0.0
+        self.ema = WeightEma(model, self.stage.ema_decay, self.device) if self.stage.ema_decay else None
+        self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay, self.device) if training else None
+        self.backend.prepare(model, self.optimizer, self.accum)
+        self.step = 0
+        self.nonfinite_total = self.nonfinite_run = 0
+        self._good_micro = 0  # finite micro-batches of the update being accumulated
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._loss_n = 0
+        self._grad_norm: Optional[torch.Tensor] = None
+        self._last_save_s = 0.0
+        self._saved_step = -1
+        self._last_eval_step = -1
+        self.val_loader = (ShardLoader(loader_config(cfg, cfg.data.val, cfg.data.val_split), self.rank, self.world,
+                                       training=False) if cfg.data.val else None)
+        self.eval_augment = BatchAugment(cfg.aug, cfg.model.num_classes, self.device, training=False)
+        self.train_loader = None
+        self.metrics = MetricsWriter(cfg.run_dir, False, False, False, 0, 0)
+        if training:
+            self._setup_training()
+        self._inject_nan = self._parse_injection(os.environ.get("PRETRAIN_INJECT_NAN", ""))
+        self._inject_sleep = float(os.environ.get("PRETRAIN_INJECT_SLEEP_S", "0"))  # tests: slow steps down
+
+    # ------------------------------------------------------------------------------------- setup
+    def _setup_training(self) -> None:
+        cfg, o = self.cfg, self.cfg.optim
+        if not cfg.data.train:
+            raise ConfigError("data.train is empty: point it at the training shards' _info.json")
+        if not self.resume:
+            ckpt.refuse_existing_run(cfg.run_dir, cfg.checkpoint_dir)
+        # The JPEG decoder is built (or found) now, on every node, before any data is read.
+        decoder = roi_decoder(cfg.aug.jpeg_roi)
+        self._log0("training JPEG decoding: " + (f"libjpeg-turbo, crop only ({decoder.path})" if decoder else
+                                                 f"Pillow, whole images (aug.jpeg_roi={cfg.aug.jpeg_roi})"))
+        self.train_loader = ShardLoader(loader_config(cfg, cfg.data.train, cfg.data.train_split), self.rank,
+                                        self.world, training=True)
+        self.updates_per_epoch = len(self.train_loader) // self.accum
+        if self.updates_per_epoch < 1:
+            raise ConfigError(f"one epoch gives {len(self.train_loader)} micro-batches per rank, fewer than the "
+                              f"{self.accum} accumulation steps of one update: use a smaller optim.global_batch")
+        self.total_updates = o.max_steps or o.epochs * self.updates_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
+        self.augment = BatchAugment(cfg.aug, cfg.model.num_classes, self.device, training=True)
+        self.criterion = build_criterion(cfg.aug)
+        if self.resume:
+            self._resume(self.resume)
+        self.metrics = MetricsWriter(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.log.progress,
+                                     self.total_updates, self.step)
+
+    @staticmethod
+    def _parse_injection(spec: str) -> list:
+        """Fault injection for tests: PRETRAIN_INJECT_NAN="update:rank,..." makes `rank`'s loss NaN on one
+        micro-batch before `update`; entries fire one per micro-batch, in order, on every rank's list."""
+        return [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item]
+
+    def _find_checkpoint(self, resume: str) -> tuple[str, str]:
+        ckpt_dir = self.cfg.checkpoint_dir
+        if resume != "auto":
+            return os.path.split(os.path.abspath(resume.rstrip("/")))
+        tag = ckpt.latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        if tag is None:
+            raise FileNotFoundError(f"--resume auto: no complete checkpoint in {ckpt_dir}; start without "
+                                    "--resume for a fresh run")
+        return ckpt_dir, tag
+
+    def _resume(self, resume: str) -> None:
+        ckpt_dir, tag = self._find_checkpoint(resume)
+        with open(os.path.join(ckpt_dir, tag, "client_state.json")) as f:
+            saved = json.load(f)
+        self.backend.load(ckpt_dir, tag, saved["world"])
+        self.step = self._saved_step = saved["step"]
+        self.nonfinite_total = saved.get("nonfinite_total", 0)
+        loader_state = saved["loader"]
+        changed = saved["world"] != self.world
+        if changed and loader_state["batches_done"]:
+            # The sample order depends on the world size: continue at the next epoch boundary.
+            self._log0(f"world size {saved['world']} -> {self.world}: the rest of epoch {loader_state['epoch']} "
+                       "is skipped, data resumes at the next epoch")
+            loader_state = {**loader_state, "epoch": loader_state["epoch"] + 1, "batches_done": 0}
+        self.train_loader.load_state_dict({**loader_state, "world": self.world, "workers": max(1, self.cfg.data.workers)}
+                                          if changed else loader_state)
+        if self.ema is not None:
+            from safetensors.torch import load_file
+            self.ema.module.load_state_dict(load_file(os.path.join(ckpt_dir, tag, "ema.safetensors")))
+        ckpt.load_rng(ckpt_dir, tag, self.rank)
+        self.scheduler.step_update(self.step)
+        self._log0(f"resumed from {os.path.join(ckpt_dir, tag)} at update {self.step} (epoch "
+                   f"{self.train_loader.epoch}, micro-batch {self.train_loader.batches_done})")
+
+    # ---------------------------------------------------------------------------------- training
+    def fit(self) -> dict:
+        try:
+            return self._fit()
+        finally:  # on every exit (done, preempted, failed): stop loader workers, which ignore SIGTERM
+            self.metrics.close()
+            for loader in (self.train_loader, self.val_loader):
+                if loader is not None:
+                    loader.close()
+
+    def _fit(self) -> dict:
+        cfg = self.cfg
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        if self.rank == 0:
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        self.metrics.start(self.step if self.resume else None)
+        self.preempt = slurm.PreemptionFlag()
+        self.preempt.install()
+        result: dict = {}
+        self._t_last, self._imgs = time.time(), 0
+        limit = self.updates_per_epoch * self.accum  # micro-batches used per epoch (a partial update's tail is not)
+        while self.step < self.total_updates:
+            epoch, micro = self.train_loader.epoch, self.train_loader.batches_done
+            for images, labels in self.train_loader:
+                micro += 1
+                self._imgs += images.shape[0]
+                if self._micro_step(images, labels, epoch, micro):
+                    result = self._after_update(epoch, result)
+                if self.step >= self.total_updates or micro >= limit:
+                    break
+            if micro < limit and self.step >= self.total_updates:
+                break  # finished mid-epoch: the loader keeps its position in the final checkpoint
+            if self.train_loader.epoch == epoch:
+                self.train_loader.set_epoch(epoch + 1)  # skip the epoch's tail that can't fill an update
+            if self.val_loader is not None and not cfg.log.eval_every_steps:
+                result.update(self.evaluate(epoch))
+            if self.step < self.total_updates:
+                self.save()
+        if self.val_loader is not None and self._last_eval_step != self.step:
+            result.update(self.evaluate())  # a run that stops mid-epoch still reports its final accuracy
+        tag = self.save()
+        if self.stage.on_finish is not None:
+            self.stage.on_finish(self, tag)
+        return result
+
+    def _after_update(self, epoch: int, result: dict) -> dict:
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        if self.ema is not None:
+            self.ema.update(self.backend.module)
+        if self._inject_sleep:
+            time.sleep(self._inject_sleep)
+        if self.step % self.cfg.log.every_steps == 0 or self.step == self.total_updates:
+            result = {**result, **self._log_step(epoch)}
+        if self.cfg.log.eval_every_steps and self.step % self.cfg.log.eval_every_steps == 0:
+            result.update(self.evaluate(epoch))
+        if self.step % self.cfg.checkpoint.every_steps == 0 and self.step < self.total_updates:
+            self.save()
+        self._check_preemption()
+        return result
+
+    def _check_preemption(self) -> None:
+        """All ranks agree on a signal any of them got (USR1 or TERM), at this update boundary."""
+        flag = torch.tensor([float(self.preempt.value)], device=self.device)
+        code = int(self.backend.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+        if not code:
+            return
+        if code == slurm.PreemptionFlag.USR1:
+            self._log0(f"preemption warning (SIGUSR1) at update {self.step}: checkpointing and requeueing")
+            self.save()
+            if self.rank == 0 and slurm.requeue():
+                self._log0(f"requeued job {os.environ['SLURM_JOB_ID']}; it resumes with --resume auto")
+            raise Preempted(0)
+        if self._last_save_s <= self.cfg.checkpoint.term_save_budget_s:
+            self._log0(f"SIGTERM at update {self.step}: checkpointing (last save took {self._last_save_s:.1f} s)")
+            self.save()
+        else:
+            self._log0(f"SIGTERM at update {self.step}: no time to checkpoint (last save took "
+                       f"{self._last_save_s:.1f} s > checkpoint.term_save_budget_s)")
+        raise Preempted(143)
+
+    def _micro_step(self, images, labels, epoch: int, micro: int) -> bool:
+        """Forward/backward of one micro-batch; returns whether an optimizer update happened.
+
+        A non-finite loss on any rank skips this micro-batch on every rank (no backward, no step), so the
+        update is made of finite micro-batches only and the ranks stay in step.
+        """
+        x, y = self.augment(images, labels, step_seed=mix_seed(self.cfg.seed, epoch, micro, self.rank))
+        self.backend.train()
+        loss = self.criterion(self.backend.forward(x), y)
+        update = self.step + 1
+        if self._inject_nan and self._inject_nan[0][0] == update:
+            if self._inject_nan.pop(0)[1] == self.rank:
+                loss = loss * float("nan")
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self.backend.all_reduce(bad, op=torch.distributed.ReduceOp.MAX).item():
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            self._log0(f"non-finite loss before update {update} (epoch {epoch}, micro-batch {micro}): skipped on "
+                       f"all ranks ({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
+            if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
+                raise NonFiniteLossError(f"{self.nonfinite_run} non-finite losses in a row (optim.max_nonfinite="
+                                         f"{self.cfg.optim.max_nonfinite}) before update {update}: lower the lr, "
+                                         "check the data, or use bf16 instead of fp16")
+            return False
+        self.nonfinite_run = 0
+        self._good_micro += 1
+        boundary = self._good_micro == self.accum
+        self._loss_sum += loss.detach()
+        self._loss_n += 1
+        self.backend.backward(loss, boundary)
+        if not boundary:
+            return False
+        self._good_micro = 0
+        self._grad_norm = self.backend.step()
+        return True
+
+    # ---------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, epoch: Optional[int] = None) -> dict:
+        """Top-1/top-5 over exactly the validation split's samples (and of the EMA weights, if any)."""
+        metrics = self._evaluate(self.backend.forward, "val_")
+        expected = self.val_loader.num_samples
+        if metrics["val_samples"] != expected:  # short or corrupt validation shards: say so, report the truth
+            metrics["val_expected"] = expected
+            msg = (f"WARNING: evaluated {metrics['val_samples']} of the {expected} validation images the manifest "
+                   f"lists ({self.cfg.data.val}): some shards are short or corrupt (python -m pretrain.make_shards "
+                   "verify); the accuracy below is over the images read")
+            log.warning(msg)
+            if self.rank == 0:
+                print(msg, flush=True)
+        if self.ema is not None:
+            def ema_forward(x):
+                with self.backend.autocast():
+                    return self.ema.module(x).float()
+            metrics.update(self._evaluate(ema_forward, "val_ema_"))
+        self._last_eval_step = self.step
+        self.metrics.write({"step": self.step, **({} if epoch is None else {"epoch": epoch}), **metrics})
+        self._log0(f"eval at update {self.step}: top-1 {metrics['val_top1']:.2f}%  top-5 {metrics['val_top5']:.2f}%"
+                   f"  ({metrics['val_samples']} images)"
+                   + (f"  EMA top-1 {metrics['val_ema_top1']:.2f}%" if self.ema is not None else ""))
+        return metrics
+
+    def _evaluate(self, forward, prefix: str) -> dict:
+        self.backend.train(False)
+        sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # top1, top5, count
+        for images, labels, valid in self.val_loader:
+            x, y = self.eval_augment(images, labels)
+            sums += topk_counts(forward(x), y, valid.to(self.device))
+        return topk_metrics(self.backend.all_reduce(sums), prefix=prefix)
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def save(self) -> str:
+        """Checkpoint the current update on every rank; `latest_complete` moves only after all finished."""
+        ckpt_dir, tag = self.cfg.checkpoint_dir, ckpt.tag_for(self.step)
+        if self._saved_step == self.step:
+            return tag  # this process already saved (or resumed from) this very state
+        t0 = time.time()
+        path = os.path.join(ckpt_dir, tag)
+        # A stale tag (a crash mid-save, or the future of an older resume point) is replaced. Rank 0 looks
+        # before any rank can write, and every rank takes the same branch.
+        stale = torch.tensor([float(self.rank == 0 and os.path.exists(path))], device=self.device)
+        if self.backend.all_reduce(stale, op=torch.distributed.ReduceOp.MAX).item():
+            self._log0(f"replacing {path}: written before this run reached update {self.step}")
+            if self.rank == 0:
+                shutil.rmtree(path)
+            self.backend.barrier()
+        client = {"step": self.step, "world": self.world, "loader": self.train_loader.state_dict(),
+                  "nonfinite_total": self.nonfinite_total, "backend": self.backend.name}
+        self.backend.save(ckpt_dir, tag)
+        ckpt.save_rng(ckpt_dir, tag, self.rank)
+        if self.rank == 0:
+            ckpt.write_bytes_atomic(os.path.join(path, "client_state.json"), json.dumps(client).encode())
+            if self.ema is not None:
+                from safetensors.torch import save as st_save
+                ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.module.state_dict().items()}
+                ckpt.write_bytes_atomic(os.path.join(path, "ema.safetensors"), st_save(ema))
+        self.backend.barrier()
+        if os.environ.get("PRETRAIN_INJECT_CRASH_IN_SAVE") == str(self.step):
+            os._exit(17)  # fault injection for tests: die after writing, before the pointer
+        if self.rank == 0:
+            ckpt.mark_complete(ckpt_dir, tag, json.dumps(self.cfg.to_dict()))
+            ckpt.prune(ckpt_dir, self.cfg.checkpoint.keep)
+        self.backend.barrier()
+        self._saved_step = self.step
+        self._last_save_s = time.time() - t0
+        self._log0(f"saved checkpoint {path} ({self._last_save_s:.1f} s)")
+        return tag
+
+    # ---------------------------------------------------------------------------------- logging
+    def _log0(self, msg: str) -> None:
+        if self.rank == 0:
+            log.info(msg)
+            print(msg, flush=True)
+
+    def _log_step(self, epoch: int) -> dict:
+        """The loss averaged over every micro-batch on every rank since the last record."""
+        sums = torch.stack([self._loss_sum.float(), torch.tensor(float(self._loss_n), device=self.device)])
+        sums = self.backend.all_reduce(sums)
+        mean_loss = (sums[0] / sums[1].clamp(min=1)).item()
+        self._loss_sum.zero_()
+        self._loss_n = 0
+        img_s_rank = self._imgs / max(time.time() - self._t_last, 1e-9)
+        self._t_last, self._imgs = time.time(), 0
+        lr = max(g["lr"] for g in self.optimizer.param_groups)
+        tflops = 3 * self.flops_per_image * img_s_rank / 1e12  # forward + backward ~ 3x forward
+        rec = {"step": self.step, "epoch": epoch, "loss": mean_loss, "lr": lr, "img_s_per_rank": img_s_rank,
+               "img_s": img_s_rank * self.world, "tflops_per_rank": tflops, "nonfinite_total": self.nonfinite_total}
+        if self._grad_norm is not None:
+            rec["grad_norm"] = float(self._grad_norm)
+        peak = peak_tflops(self.device)
+        if peak:
+            rec["mfu"] = tflops / peak
+        self.metrics.write(rec)
+        left = (self.total_updates - self.step) * self.cfg.optim.global_batch / max(rec["img_s"], 1e-9)
+        self.metrics.progress(self.step, loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rec['img_s']:.0f}",
+                              eta=f"{left / 3600:.1f}h")
+        return rec

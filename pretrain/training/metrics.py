@@ -1,0 +1,114 @@
+"""What a run reports: top-k accuracy, FLOPs and MFU, and the records written to metrics.jsonl,
+TensorBoard and the progress bar (rank 0 only)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..io import write_bytes_atomic
+
+log = logging.getLogger("pretrain")
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0}  # bf16 dense
+
+
+def topk_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[top-1 hits, top-5 hits, samples] over the valid entries of a batch (float64, for all-reduce)."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()]).double()
+
+
+def topk_metrics(sums: torch.Tensor, prefix: str = "") -> dict:
+    """Summed `topk_counts` (all ranks) -> top-1 / top-5 in percent and the sample count."""
+    n = max(sums[2].item(), 1.0)
+    return {f"{prefix}top1": 100 * sums[0].item() / n, f"{prefix}top5": 100 * sums[1].item() / n,
+            f"{prefix}samples": int(sums[2].item())}
+
+
+def forward_flops(model: torch.nn.Module, img_size: int) -> float:
+    """FLOPs of one forward pass on one image (torch's FLOP counter on the CPU model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, img_size, img_size))
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def keep_history_until(path: str, step: int) -> int:
+    """Drop the records after `step` from a metrics file (a resumed run rewrites what came after its
+    checkpoint); returns how many were dropped. One history per run, so plots and tools read it right."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = [x for x in lines if x.strip() and json.loads(x).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        write_bytes_atomic(path, "".join(x + "\n" for x in kept).encode())
+    return len(lines) - len(kept)
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard, + a progress bar) on rank 0; every other rank writes nothing."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int):
+        self.enabled, self.run_dir = enabled, run_dir
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = self._tb = self._bar = None
+        self._tensorboard, self._progress, self._total, self._initial = tensorboard, progress, total, initial
+
+    def start(self, resumed_step: Optional[int]) -> None:
+        """Open the history: continued after `resumed_step`, or new for a fresh run (None)."""
+        if not self.enabled:
+            return
+        os.makedirs(self.run_dir, exist_ok=True)
+        if resumed_step is None and os.path.exists(self.path):
+            os.unlink(self.path)  # a fresh run's history starts empty
+        elif resumed_step is not None:
+            dropped = keep_history_until(self.path, resumed_step)
+            if dropped:
+                log.info("metrics.jsonl: dropped %d record(s) after update %d (re-run after the resume)",
+                         dropped, resumed_step)
+        self._file = open(self.path, "a")
+        if self._tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            except ImportError:
+                log.warning("tensorboard is not installed: TensorBoard logging off")
+        if self._progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self._total, initial=self._initial, unit="step", dynamic_ncols=True)
+
+    def write(self, rec: dict) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(rec) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, rec["step"])
+
+    def progress(self, step: int, **postfix) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(**postfix)
+            self._bar.n = step
+            self._bar.refresh()
+
+    def close(self) -> None:
+        for h in (self._bar, self._file, self._tb):
+            if h is not None:
+                h.close()
+        self._file = self._tb = self._bar = None

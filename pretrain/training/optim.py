@@ -1,0 +1,70 @@
+"""Optimizer pieces shared by every stage: timm's parameter groups (weight decay, layer-wise lr decay), the
+cosine schedule, the loss, and an fp32 weight EMA."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+from ..config import AugConfig, RunConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """The official recipe's groups through timm's helpers: no weight decay on 1-D params (norms), biases and
+    `model.no_weight_decay()` (bias tables, ape); with layer_decay < 1, lr scaled by
+    layer_decay^(depth - layer) over the layers of `model.group_matcher()` (`lr_scale`, which timm's
+    schedulers apply)."""
+    skip = sorted(model.no_weight_decay())
+    if layer_decay < 1:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, layer_decay: float, device: torch.device):
+    o = cfg.optim
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, layer_decay), lr=cfg.lr, betas=tuple(o.betas),
+                             eps=o.eps, **fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_per_epoch: int) -> CosineLRScheduler:
+    """Linear warm-up from warmup_lr, then cosine to min_lr, stepped per update; all three lrs scaled by
+    global_batch / lr_scale_batch (official recipe)."""
+    o = cfg.optim
+    warmup = int(o.warmup_epochs * updates_per_epoch)
+    scale = o.global_batch / o.lr_scale_batch
+    return CosineLRScheduler(optimizer, t_initial=max(1, o.epochs * updates_per_epoch - warmup),
+                             lr_min=o.min_lr * scale, warmup_lr_init=o.warmup_lr * scale, warmup_t=warmup,
+                             warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
+
+
+def build_criterion(aug: AugConfig) -> torch.nn.Module:
+    """Soft-target cross-entropy when Mixup/CutMix make the targets (smoothing is in them), else smoothed CE."""
+    if aug.mixup > 0 or aug.cutmix > 0:
+        return SoftTargetCrossEntropy()
+    return LabelSmoothingCrossEntropy(aug.label_smoothing)
+
+
+class WeightEma:
+    """Exponential moving average of a module's floating-point state, kept in fp32.
+
+    timm's ModelEmaV3 lerps in the model's dtype; under DeepSpeed bf16 the module itself is bf16, where an
+    update of (1 - decay) ~ 1e-4 of the weight rounds away. On an fp32 module the two compute the same."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, device: torch.device):
+        self.decay = decay
+        self.module = copy.deepcopy(module).float().to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        ema, src = [], []
+        for e, m in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if e.is_floating_point():
+                ema.append(e)
+                src.append(m.detach().float())
+            else:
+                e.copy_(m)
+        torch._foreach_lerp_(ema, src, 1.0 - self.decay)

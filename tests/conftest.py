@@ -1,0 +1,91 @@
+"""Fixtures and helpers the test modules share: real shards, run configs, the real launchers."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.data.shards import WriteOptions, write_shards
+from pretrain.data.synthetic import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEEPSPEED = str(BIN / "deepspeed")
+TORCHRUN = str(BIN / "torchrun")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """8 classes of real JPEGs in real tar shards: 112 train / 16 validation images, 14 per shard."""
+    root = tmp_path_factory.mktemp("engine_data")
+    make_image_folder(str(root / "imgs"), num_classes=8, per_class=16, size=(40, 40))
+    write_shards(WriteOptions(str(root / "imgs"), str(root / "shards"), val_per_class=2, samples_per_shard=14),
+                 progress=False)
+    return str(root / "shards" / "_info.json")
+
+
+def base_config(shards: str, run_dir: Path, **sections) -> dict:
+    """A tiny pretraining run (2 stages, 32 px, window 4) on the `shards` fixture, written next to run_dir."""
+    cfg = {
+        "run_dir": str(run_dir), "seed": 0,
+        "model": {"variant": "swin_tiny", "img_size": 32, "window_size": 4, "num_classes": 8, "embed_dim": 16,
+                  "depths": [1, 1], "num_heads": [1, 2], "drop_path_rate": 0.1},
+        "data": {"train": shards, "workers": 1, "shuffle_buffer": 32},
+        "aug": {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0, "label_smoothing": 0.1},
+        "optim": {"global_batch": 16, "micro_batch": 8, "epochs": 3, "warmup_epochs": 0.5, "base_lr": 0.02,
+                  "warmup_lr": 1e-4, "min_lr": 1e-4, "lr_scale_batch": 16, "precision": "bf16", "zero_stage": 1},
+        "checkpoint": {"every_steps": 4, "keep": 2},
+        "log": {"every_steps": 1, "tensorboard": False, "progress": False},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+    return write_config(cfg, run_dir)
+
+
+def write_config(cfg: dict, run_dir: Path) -> dict:
+    cfg = {k: v for k, v in cfg.items() if k != "_path"}
+    path = run_dir.parent / f"{run_dir.name}.json"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg))
+    return cfg | {"_path": str(path)}
+
+
+def _env(env) -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **dict(env)}
+
+
+def _run(cmd: list[str], env, wait: bool):
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=600)
+
+
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True):
+    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command)."""
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+           "launch/pretrain.py", "--config", cfg["_path"], *args]
+    return _run(cmd, env, wait)
+
+
+def torchrun(script_args: list[str], ranks: int = 2, env: dict = (), wait: bool = True):
+    """`torchrun --nproc_per_node RANKS SCRIPT_ARGS` on CPU (gloo)."""
+    cmd = [TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(29700 + os.getpid() % 200), *script_args]
+    return _run(cmd, env, wait)
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> logged loss; each step must appear once (one history per run)."""
+    out = {}
+    for line in Path(run_dir, "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice in {run_dir}/metrics.jsonl"
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,0 +1,111 @@
+"""The training core's pieces in one process: parameter groups (timm's helpers), the schedule with layer
+decay, config checks, module layering."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, TrainConfig, load_config
+from pretrain.models import build_model
+from pretrain.training.optim import build_scheduler, param_groups
+
+from conftest import REPO
+
+
+def groups_before(model, weight_decay: float, layer_decay: float) -> list[dict]:
+    """The hand-written groups this project used before timm's helpers (2f7e9c4: pretrain/engine.py and
+    finetune/trainer.py), kept here as the reference."""
+    depths = list(model.cfg.depths)
+    top = sum(depths) + 1
+    skip = model.no_weight_decay()
+
+    def layer_id(name: str) -> int:
+        if name.startswith(("patch_embed", "absolute_pos_embed")):
+            return 0
+        if name.startswith("layers."):
+            parts = name.split(".")
+            return sum(depths[:int(parts[1])]) + 1 + (int(parts[3]) if parts[2] == "blocks" else 0)
+        return top
+
+    groups: dict = {}
+    for name, p in model.named_parameters():
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        lid = layer_id(name) if layer_decay < 1 else top
+        g = groups.setdefault((lid, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                                                "lr_scale": layer_decay ** (top - lid)})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+def as_sets(groups: list[dict]) -> set:
+    return {(frozenset(id(p) for p in g["params"]), g["weight_decay"], round(g.get("lr_scale", 1.0), 12))
+            for g in groups}
+
+
+@pytest.mark.parametrize("ape", [False, True])
+@pytest.mark.parametrize("layer_decay", [1.0, 0.9])
+def test_timm_param_groups_equal_the_hand_written_ones(ape, layer_decay):
+    model = build_model("swin_tiny", embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), img_size=64,
+                        window_size=4, num_classes=10, ape=ape)
+    got, want = param_groups(model, 0.05, layer_decay), groups_before(model, 0.05, layer_decay)
+    assert as_sets(got) == as_sets(want)
+    assert sum(len(g["params"]) for g in got) == len(list(model.parameters()))
+    if layer_decay < 1:
+        assert len(got) == 2 * (sum((2, 2, 2)) + 2)  # stem, 6 blocks, norm + head; decay / no decay each
+
+
+def test_layer_decay_scales_each_group_once_through_the_schedule():
+    cfg = load_config(overrides=["optim.warmup_epochs=0", "optim.epochs=10", "optim.global_batch=512",
+                                 "optim.micro_batch=64"])
+    model = build_model("swin_tiny", embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=32, window_size=4)
+    opt = torch.optim.AdamW(param_groups(model, 0.05, 0.5), lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, updates_per_epoch=100)
+    sched.step_update(0)
+    for g in opt.param_groups:  # at the start of the cosine: base lr x lr_scale, not x lr_scale^2
+        assert g["lr"] == pytest.approx(cfg.lr * g["lr_scale"], rel=1e-9)
+    assert {g["lr_scale"] for g in opt.param_groups} == {0.5 ** k for k in range(4)}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.warmup_lr=-0.01", "optim.warmup_lr"), ("optim.max_steps=-5", "optim.max_steps"),
+    ("optim.base_lr=-5e-4", "optim.base_lr"), ("checkpoint.every_steps=0", "checkpoint.every_steps"),
+    ("log.every_steps=0", "log.every_steps"), ("data.on_bad_shard=skp", "data.on_bad_shard"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate"), ("aug.re_prob=2", "aug.re_prob"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"), ("backend=horovod", "backend"),
+    ("data.start_method=thread", "data.start_method"), ("optim.warmup_epochs=200", "optim.warmup_epochs"),
+])
+def test_out_of_range_values_are_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(str(REPO / "configs/swin_tiny_cpu.json"), [override])
+
+
+def test_finetune_configs_are_validated_and_backend_keys_checked():
+    from finetune.config import load_finetune_config
+    path = str(REPO / "configs/finetune/swin_tiny_cpu.json")
+    with pytest.raises(ConfigError, match="data.on_bad_shard"):
+        load_finetune_config(path, ["data.on_bad_shard=skp"])
+    with pytest.raises(ConfigError, match="finetune.layer_decay"):
+        load_finetune_config(path, ["finetune.layer_decay=0"])
+    with pytest.raises(ConfigError, match='optim.zero_stage=2 needs backend "deepspeed"'):
+        load_finetune_config(path, ["optim.zero_stage=2"])
+    cfg = load_finetune_config(path, ["backend=deepspeed", "optim.zero_stage=3"])
+    assert cfg.zero_stage == 3 and load_finetune_config(path).backend == "accelerate"
+    assert load_config(str(REPO / "configs/swin_tiny_cpu.json")).zero_stage == 1
+    assert TrainConfig().backend == "deepspeed"
+
+
+def test_reading_a_config_loads_neither_timm_nor_torchvision():
+    code = ("import sys; from pretrain.config import load_config; load_config('configs/swin_l_22k.json'); "
+            "import finetune.config; bad = [m for m in ('timm', 'torchvision', 'torch') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_library_imports_no_app():
+    pkg = REPO / "pretrain"
+    offenders = [str(p.relative_to(REPO)) for p in pkg.rglob("*.py")
+                 if any(line.lstrip().startswith(("import finetune", "from finetune"))
+                        for line in p.read_text().splitlines())]
+    assert offenders == []
