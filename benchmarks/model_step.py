@@ -21,12 +21,16 @@ import torch
 from pretrain.models import build_model
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
-              "swin_base": "swin_base_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224"}
+              "swin_base": "swin_base_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224",
+              "swinv2_tiny": "swinv2_tiny_window8_256", "swinv2_small": "swinv2_small_window8_256",
+              "swinv2_base": "swinv2_base_window8_256", "swinv2_large": "swinv2_large_window12_192"}
 
 
-def make_pair(variant: str, attn_impl: str, device: str):
-    ours = build_model(variant, num_classes=1000, drop_path_rate=0.0, attn_impl=attn_impl).to(device)
-    theirs = timm.create_model(TIMM_NAMES[variant], num_classes=1000, drop_path_rate=0.0).to(device)
+def make_pair(variant: str, attn_impl: str, device: str, img: int = 224):
+    """Ours and timm's, same weights. V1 at window 7 (the 224 recipe), V2 at window img/32 (256: 8)."""
+    size = {} if not variant.startswith("swinv2") else dict(img_size=img, window_size=img // 32)
+    ours = build_model(variant, num_classes=1000, drop_path_rate=0.0, attn_impl=attn_impl, **size).to(device)
+    theirs = timm.create_model(TIMM_NAMES[variant], num_classes=1000, drop_path_rate=0.0, **size).to(device)
     theirs.load_state_dict(ours.state_dict())  # same weights: same layout by construction
     return ours, theirs
 
@@ -73,7 +77,7 @@ def peak_memory(step, x, y, device: str) -> float | None:
 
 def run_case(variant, dtype, batch, img, steps, warmup, device, compile_model, attn_impl) -> dict:
     torch.manual_seed(0)
-    ours, theirs = make_pair(variant, attn_impl, device)
+    ours, theirs = make_pair(variant, attn_impl, device, img)
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     s_ours = make_step(ours, dtype, device, compile_model)

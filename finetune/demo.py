@@ -4,8 +4,10 @@
 
 1. draws a 10-class image set (real JPEG files in class folders),
 2. packs it into WebDataset shards (pretrain.data.shards, as `python -m pretrain.make_shards`; train + validation),
-3. pretrains a small Swin with DeepSpeed on --ranks processes (configs/swin_tiny_cpu.json, 64 px, window 4),
-4. fine-tunes it at 96 px with window 6 through finetune/run.py (configs/finetune/swin_tiny_cpu.json),
+3. pretrains a small Swin with DeepSpeed on --ranks processes (configs/swin_tiny_cpu.json, 64 px, window 4;
+   `--arch v2`: Swin V2, configs/swinv2_tiny_cpu.json),
+4. fine-tunes it at 96 px with window 6 through finetune/run.py (configs/finetune/swin{,v2}_tiny_cpu.json;
+   V2 moves to the new window through its continuous position bias, with the checkpoint's windows),
 5. evaluates, prints top-1 and where everything is, and draws the loss/accuracy curves to a PNG.
 A second run reuses the images, the shards and finished checkpoints.
 """
@@ -63,10 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=0, help="stop pretraining after N updates (0: config)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (0: config)")
     p.add_argument("--out", default="runs", help="where data and runs go")
+    p.add_argument("--arch", choices=["v1", "v2"], default="v1", help="Swin (v1) or Swin V2")
     a = p.parse_args(argv)
     out = a.out.rstrip("/")
     images, shards = f"{out}/data/images", f"{out}/data/shards"
-    pre_dir, ft_dir = f"{out}/swin_tiny_cpu", f"{out}/swin_tiny_cpu_ft"
+    name = "swin_tiny_cpu" if a.arch == "v1" else "swinv2_tiny_cpu"
+    pre_dir, ft_dir = f"{out}/{name}", f"{out}/{name}_ft"
     print(f"[1/5] image set: {make_image_folder(images, num_classes=10, per_class=40, size=(80, 64))}")
     s = write_shards(WriteOptions(images, shards, val_per_class=8, samples_per_shard=40), progress=False)
     print(f"[2/5] shards: {shards} {s['samples']} ({s['skipped_shards']} shard(s) were already there)")
@@ -80,10 +84,10 @@ def main(argv=None) -> int:
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
     print(f"[3/5] pretraining on {a.ranks} rank(s){' (continuing the finished run)' if done else ''}", flush=True)
     run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "launch/pretrain.py", "--config",
-         "configs/swin_tiny_cpu.json", *(["--resume", "auto"] if done else []), "--set", *sets], env)
+         f"configs/{name}.json", *(["--resume", "auto"] if done else []), "--set", *sets], env)
     run([sys.executable, "-m", "pretrain.release", pre_dir], env)
     ft_sets = [f"data.train={info}", f"data.val={info}"]
-    ft_args = ["--config", "configs/finetune/swin_tiny_cpu.json", "--res", "96", "--window", "6", "--pretrained",
+    ft_args = ["--config", f"configs/finetune/{name}.json", "--res", "96", "--window", "6", "--pretrained",
                pre_dir, "--output", ft_dir, "--set", *ft_sets]
     if a.finetune_epochs:
         ft_args += ["--epochs", str(a.finetune_epochs)]

@@ -12,7 +12,8 @@ import os
 import sys
 
 from finetune.config import load_finetune_config, missing_inputs, revalidate, with_flags
-from pretrain.train import USER_ERRORS, close_process_group, report
+from pretrain.config import ConfigError
+from pretrain.train import run_cli
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune")
 
@@ -38,27 +39,20 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     a = parse(argv)
     config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
-    try:
+
+    def job() -> dict:
         cfg = revalidate(with_flags(load_finetune_config(config, a.set), a.res, a.window, a.pretrained, a.data,
                                     a.num_classes, a.epochs, a.batch_size, a.output))
         missing = missing_inputs(cfg, a.eval_only, bool(a.resume))
         if missing:
-            print(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window {cfg.model.window_size}) "
-                  "still needs:\n  " + "\n  ".join(missing), file=sys.stderr)
-            return 2
+            raise ConfigError(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window "
+                              f"{cfg.model.window_size}) still needs:\n  " + "\n  ".join(missing))
         from finetune.stage import evaluate_only, finetune_stage
         from pretrain.training import Trainer
         if a.eval_only:
-            result = evaluate_only(cfg, bool(a.resume))
-        else:
-            result = Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg)).fit()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        close_process_group()
-    report(result)
-    return 0
+            return evaluate_only(cfg, bool(a.resume))
+        return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg)).fit()
+    return run_cli(job)
 
 
 if __name__ == "__main__":

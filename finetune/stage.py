@@ -2,12 +2,13 @@
 window), layer-wise lr decay, an EMA, and the export of the result."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-from pretrain.checkpoint import export, load_pretrained
-from pretrain.models import model_from_section
+from pretrain.checkpoint import export, load_pretrained, pretrained_windows_of, stage_windows
+from pretrain.models import build_config, model_from_section
 from pretrain.training import Stage, Trainer
 from pretrain.training.checkpointing import latest_tag, load_run_weights, resolve_tag
 
@@ -20,6 +21,30 @@ def resolve_pretrained(source: str):
     if "://" not in source and os.path.isdir(source):
         return load_run_weights(*resolve_tag(source))
     return source
+
+
+def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
+    """Swin V2 without model.pretrained_window_sizes: take them from the checkpoint (our run's config or
+    metadata, or the official relative_coords_table buffers), so the position bias sees the coordinates it
+    was trained on at any new window. `source`: default the weights fine-tuning starts from."""
+    m, source = cfg.model, source or cfg.finetune.pretrained
+    if not m.variant.startswith("swinv2") or m.pretrained_window_sizes is not None or not source:
+        return
+    if "://" not in source and os.path.isdir(source):
+        ckpt_dir, tag = resolve_tag(source)
+        with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
+            saved = json.load(f)["model"]
+        arch = {k: saved.get(k) for k in ("embed_dim", "depths", "num_heads", "pretrained_window_sizes")}
+        c = build_config(saved["variant"], img_size=saved["img_size"], window_size=saved["window_size"], **arch)
+        windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"
+    else:
+        windows, where = pretrained_windows_of(source, allow_pickle=cfg.finetune.allow_pickle), source
+    if not windows:
+        _print0(f"note: {source} does not say which windows its position bias was trained at; set "
+                "model.pretrained_window_sizes (the V2 fine-tune recipe: 12,12,12,6 after 192 px / window 12)")
+        return
+    m.pretrained_window_sizes = list(windows)
+    _print0(f"model.pretrained_window_sizes = {list(windows)} (from {where})")
 
 
 def _print0(msg: str) -> None:
@@ -56,6 +81,8 @@ def export_finetuned(trainer: Trainer, tag: str) -> None:
 
 
 def finetune_stage(cfg: FinetuneConfig) -> Stage:
+    """The fine-tuning Stage; a Swin V2 model's pretrained windows are filled in from the checkpoint first."""
+    derive_pretrained_windows(cfg)
     ft = cfg.finetune
     return Stage(name="fine-tuning", init_weights=lambda model: load_weights(cfg, model),
                  layer_decay=ft.layer_decay, ema_decay=ft.ema_decay, on_finish=export_finetuned)
@@ -72,6 +99,7 @@ def evaluate_only(cfg: FinetuneConfig, resume: bool) -> dict:
         model.load_state_dict(load_run_weights(cfg.checkpoint_dir, tag), strict=True)
         _print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")
 
+    derive_pretrained_windows(cfg, cfg.checkpoint_dir if resume else "")  # resume: what the run trained with
     stage = Stage(name="evaluation", init_weights=weights)
     trainer = Trainer(cfg, resume=None, stage=stage, training=False)
     try:

@@ -18,7 +18,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import safetensors.torch
 import torch
@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from .classes import NUM_22K, map22k_to_1k
 from .io import read_bytes, write_bytes_atomic
+from .models.layers import coords_reference
 from .models.swin import VARIANTS, SwinConfig, SwinTransformer
 
 OURS_FORMAT = "swin-pretrain/1"
 LAYOUTS = ("ours", "timm", "official")
-BUFFER_SUFFIXES = ("relative_position_index", "attn_mask")
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 HEAD_W, HEAD_B = "head.fc.weight", "head.fc.bias"
 
 Source = Union[str, "os.PathLike[str]", Mapping]
@@ -52,11 +53,13 @@ class LoadReport:
     resized: list[str] = field(default_factory=list)
     reinitialized: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.source} (layout: {self.layout})"]
         for title, items in (("converted", self.converted), ("resized", self.resized),
-                             ("re-initialized", self.reinitialized), ("dropped", self.dropped)):
+                             ("re-initialized", self.reinitialized), ("dropped", self.dropped),
+                             ("note", self.notes)):
             lines += [f"  {title}: {item}" for item in items]
         return "\n".join(lines)
 
@@ -136,6 +139,23 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
     return sd, _our_config(meta, name)
 
 
+def family(sd: Mapping[str, torch.Tensor]) -> int:
+    """2 for a Swin V2 state dict (CPB MLP, logit scales), 1 for V1 (bias tables), 0 if neither."""
+    if any(k.endswith(("cpb_mlp.0.weight", "attn.logit_scale")) for k in sd):
+        return 2
+    return 1 if any(k.endswith("relative_position_bias_table") for k in sd) else 0
+
+
+def v2_windows(sd: Mapping[str, torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """Per stage of a V2 checkpoint that stores its `relative_coords_table` buffers (the official layout):
+    (window, the window its coordinates were normalised by). timm's and our files don't store them."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.relative_coords_table") and v.ndim == 4:
+            out.setdefault(int(k.split(".")[1]), ((v.shape[1] + 1) // 2, coords_reference(v)))
+    return out
+
+
 def _reason(e: Exception) -> str:
     """The line of torch's long weights_only message that says what was refused."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
@@ -210,6 +230,10 @@ def ours_to_official(model: SwinTransformer) -> dict[str, torch.Tensor]:
         out["head." + k[len("head.fc."):] if k.startswith("head.fc.") else k] = v
         if blk is not None and k.endswith("attn.relative_position_bias_table"):
             out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
+        if blk is not None and blk.post_norm and k.endswith("attn.v_bias" if blk.attn.v_bias is not None
+                                                              else "attn.logit_scale"):
+            out[m[1] + "attn.relative_coords_table"] = blk.attn.relative_coords_table  # V2 release order
+            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
     return out
 
 
@@ -251,23 +275,34 @@ def checkpoint_window(sd: Mapping[str, torch.Tensor]) -> int:
     return table_window(sizes.most_common(1)[0][0])
 
 
-def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Architecture read off a state dict in our layout: the fields of SwinConfig it determines."""
+def _v2_window(windows: dict[int, tuple[int, int]]) -> Optional[int]:
+    return Counter(w for w, _ in windows.values()).most_common(1)[0][0] if windows else None
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], windows_from: Optional[Mapping] = None) -> dict[str, Any]:
+    """Architecture read off a state dict in our layout: the fields of SwinConfig it determines.
+    `windows_from`: the state dict before conversion (a V2 window lives in the official buffers only);
+    a V2 checkpoint without them leaves window_size None."""
     proj = sd["patch_embed.proj.weight"]
     depths, heads = [], []
+    version = family(sd)
     i = 0
     while any(k.startswith(f"layers.{i}.blocks.") for k in sd):
         depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks.")))
-        heads.append(sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+        heads.append(sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0] if version == 2 else
+                     sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
         i += 1
+    windows = v2_windows(windows_from or sd) if version == 2 else {}
     cfg: dict[str, Any] = dict(
         embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2],
         depths=tuple(depths), num_heads=tuple(heads),
-        window_size=checkpoint_window(sd),
+        window_size=checkpoint_window(sd) if version == 1 else _v2_window(windows),
         num_classes=sd[HEAD_W].shape[0] if HEAD_W in sd else 0,
         mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
-        qkv_bias="layers.0.blocks.0.attn.qkv.bias" in sd,
-        ape="absolute_pos_embed" in sd, patch_norm="patch_embed.norm.weight" in sd)
+        qkv_bias=f"layers.0.blocks.0.attn.{'q_bias' if version == 2 else 'qkv.bias'}" in sd,
+        ape="absolute_pos_embed" in sd, patch_norm="patch_embed.norm.weight" in sd, version=version)
+    if version == 2 and windows and any(w != ref for w, ref in windows.values()):
+        cfg["pretrained_window_sizes"] = tuple(windows[j][1] if j in windows else 0 for j in range(len(depths)))
     if cfg["ape"]:
         cfg["img_size"] = math.isqrt(sd["absolute_pos_embed"].shape[1]) * cfg["patch_size"]
     return cfg
@@ -275,7 +310,8 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 def variant_name(cfg: Mapping[str, Any]) -> str:
     for name, arch in VARIANTS.items():
-        if all(tuple(cfg[k]) == tuple(v) if isinstance(v, tuple) else cfg[k] == v for k, v in arch.items()):
+        arch = {"version": 1, **arch}
+        if all(tuple(cfg[k]) == tuple(v) if isinstance(v, tuple) else cfg.get(k, 1) == v for k, v in arch.items()):
             return name
     return "custom"
 
@@ -362,6 +398,21 @@ def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: Lo
                            if k == "absolute_pos_embed"]
 
 
+def _note_cpb(report: LoadReport, model: SwinTransformer, sd: Mapping, meta: Mapping) -> None:
+    """Say what the V2 position bias will see: the model's windows, its coordinate normalisation, and
+    what the checkpoint was trained with where the file says."""
+    c = model.cfg
+    mine = c.pretrained_window_sizes or stage_windows(c)
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
+    theirs = ((SwinConfig(**cfg).pretrained_window_sizes or stage_windows(SwinConfig(**cfg))) if cfg else
+              tuple(w[1] for _, w in sorted(v2_windows(sd).items())) or None)
+    report.notes.append(f"continuous position bias evaluated at window {c.window_size}, coordinates normalised "
+                        f"by windows {tuple(mine)}" + ("" if c.pretrained_window_sizes else " (the model's own)"))
+    if theirs and tuple(theirs) != tuple(mine):
+        report.notes.append(f"the checkpoint's position bias was trained with windows {tuple(theirs)}: build the "
+                            f"model with pretrained_window_sizes={tuple(theirs)} to keep what it learned")
+
+
 def _natural_key(item: Any) -> list:
     """Sort 'layers.2.blocks.10' after 'layers.2.blocks.9'."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(item))]
@@ -404,8 +455,16 @@ def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = Tr
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    fam, mine = family(sd), model.cfg.version
+    if fam and fam != mine:
+        raise CheckpointError(
+            f"{name} is a Swin V{fam} checkpoint ({'cpb_mlp and logit_scale' if fam == 2 else 'bias tables'}) but "
+            f"the model is a Swin V{mine}: build a {'swinv2_*' if fam == 2 else 'swin_*'} model for it; the two "
+            "position biases can't be converted into each other")
     layout = detect_layout(sd, meta)
     report = LoadReport(name, layout)
+    if mine == 2:
+        _note_cpb(report, model, sd, meta)
     if layout == "official":
         n_buffers = sum(k.endswith(BUFFER_SUFFIXES) for k in sd)
         sd = official_to_ours(sd)
@@ -476,11 +535,43 @@ def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
     return str(path)
 
 
-def config_from_checkpoint(source: Source, *, allow_pickle: bool = False) -> SwinConfig:
-    """The architecture stored in (ours) or read off (official, timm) a checkpoint."""
+def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
+                           window_size: Optional[int] = None) -> SwinConfig:
+    """The architecture stored in (ours) or read off (official, timm) a checkpoint; `window_size` for a
+    V2 checkpoint in timm's layout, which does not store it."""
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
     if isinstance(meta.get("config"), dict):
         return SwinConfig(**meta["config"])
+    raw = sd
     if detect_layout(sd, meta) == "official":
         sd = official_to_ours(sd)
-    return SwinConfig(**infer_config(sd))
+    cfg = infer_config(sd, windows_from=raw)
+    cfg["window_size"] = cfg["window_size"] or window_size
+    if cfg["window_size"] is None:
+        raise CheckpointError(f"{source}: a Swin V2 checkpoint in timm's layout stores no window size (timm "
+                              "does not save the relative_coords_table buffers): give it (--window-size, and "
+                              "--pretrained-window-sizes for a model fine-tuned from another window)")
+    return SwinConfig(**cfg)
+
+
+def pretrained_windows_of(source: Source, *, allow_pickle: bool = False) -> Optional[tuple[int, ...]]:
+    """For a Swin V2 checkpoint: per stage, the window its position bias was trained at (what a model
+    fine-tuned from it should pass as `pretrained_window_sizes`), from our metadata or the official
+    `relative_coords_table` buffers; None where the file doesn't say (timm's layout) or for V1."""
+    sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    if family(sd) != 2:
+        return None
+    cfg = meta.get("config")
+    if isinstance(cfg, dict):
+        c = SwinConfig(**cfg)
+        return c.pretrained_window_sizes or stage_windows(c)
+    windows = v2_windows(sd)
+    if not windows:
+        return None
+    return tuple(windows[i][1] for i in sorted(windows))
+
+
+def stage_windows(cfg: SwinConfig) -> tuple[int, ...]:
+    """Each stage's window (the window shrinks to a stage smaller than it), square models."""
+    grid = cfg.img_size[0] // cfg.patch_size
+    return tuple(min(cfg.window_size, -(-grid // 2 ** i)) for i in range(len(cfg.depths)))

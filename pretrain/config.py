@@ -43,9 +43,13 @@ class AugConfig:
     std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
 
 
+VARIANTS = ("swin_tiny", "swin_small", "swin_base", "swin_large",  # = pretrain.models.VARIANTS (tested)
+            "swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large")
+
+
 @dataclass
 class ModelSection:
-    variant: str = "swin_base"  # swin_tiny | swin_small | swin_base | swin_large
+    variant: str = "swin_base"  # swin_tiny | swin_small | swin_base | swin_large | swinv2_tiny ... swinv2_large
     img_size: int = 224  # input resolution (square)
     window_size: int = 7  # attention window; shrinks to a stage's resolution where that is smaller
     num_classes: int = 21841  # classifier outputs; 0 builds a feature extractor
@@ -56,6 +60,9 @@ class ModelSection:
     embed_dim: Optional[int] = None  # with depths and num_heads: a custom architecture instead of the variant's
     depths: Optional[list[int]] = None  # blocks per stage, e.g. [2, 2, 18, 2]
     num_heads: Optional[list[int]] = None  # attention heads per stage, e.g. [4, 8, 16, 32]
+    # Swin V2: per stage, the window its position bias was trained at (0: none); fine-tuning derives it from
+    # the checkpoint when not given
+    pretrained_window_sizes: Optional[list[int]] = None
 
 
 @dataclass
@@ -117,6 +124,7 @@ class RunConfig:
     """The sections a pretraining and a fine-tuning run share (one training loop runs both)."""
     run_dir: str = "runs/pretrain"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
     seed: int = 0  # data order, augmentation and initialization
+    recipe: str = ""  # where the values come from (e.g. the official config file); recorded, not used
     backend: str = "deepspeed"  # deepspeed (ZeRO; pretraining's default) | accelerate (DDP; fine-tuning's default)
     dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
     deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config (backend deepspeed)
@@ -277,6 +285,11 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(m.num_classes, "model.num_classes", 0),
         in_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, hi_open=True),
         one_of(m.attn_impl, "model.attn_impl", ("auto", "sdpa", "math")),
+        one_of(m.variant, "model.variant", VARIANTS),
+        (m.pretrained_window_sizes is None or (m.variant.startswith("swinv2") and all(w >= 0 for w in
+                                                m.pretrained_window_sizes)),
+         f"model.pretrained_window_sizes={m.pretrained_window_sizes}: Swin V2 only (model.variant swinv2_*), "
+         "one window >= 0 per stage"),
         in_range(d.workers, "data.workers", 0),
         in_range(d.shuffle_buffer, "data.shuffle_buffer", 1),
         in_range(d.max_corrupt, "data.max_corrupt", 0),

@@ -2,8 +2,11 @@
 
     python -m pretrain.convert SRC DST --layout timm|official|ours [--img-size N] [--window-size M]
                                         [--num-classes K] [--reset-head] [--allow-pickle]
+                                        [--pretrained-window-sizes W W W W]
 
-SRC is any layout (detected); DST's extension picks the file format (.safetensors or torch.save).
+SRC is any layout of Swin or Swin V2 (detected); DST's extension picks the file format (.safetensors or
+torch.save). V1 bias tables are resized to a new window; a V2 model keeps its CPB MLP, evaluated at the new
+window with the checkpoint's pretrained windows (read off it, or --pretrained-window-sizes).
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ import argparse
 import dataclasses
 import sys
 
-from .checkpoint import LAYOUTS, CheckpointError, config_from_checkpoint, export, load_pretrained
+from .checkpoint import (LAYOUTS, CheckpointError, config_from_checkpoint, export, load_pretrained,
+                         pretrained_windows_of)
 from .models import model_from_config
 
 
@@ -21,7 +25,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("dst", help="output path or fsspec URL; .safetensors or .pth")
     p.add_argument("--layout", choices=LAYOUTS, required=True)
     p.add_argument("--img-size", type=int, nargs="+", help="new input size: N or H W")
-    p.add_argument("--window-size", type=int, help="new attention window (bias tables are resized)")
+    p.add_argument("--window-size", type=int, help="new attention window (V1: bias tables are resized)")
+    p.add_argument("--pretrained-window-sizes", type=int, nargs="+", metavar="W",
+                   help="V2: per stage, the windows the position bias was trained at (default: read off SRC)")
     p.add_argument("--num-classes", type=int, help="21841->1000 uses the official mapping; others re-init")
     p.add_argument("--reset-head", action="store_true", help="zero-initialize the classifier")
     p.add_argument("--allow-pickle", action="store_true",
@@ -32,8 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_from_checkpoint(args.src, allow_pickle=args.allow_pickle)
+        cfg = config_from_checkpoint(args.src, allow_pickle=args.allow_pickle, window_size=args.window_size)
         changes = {}
+        if cfg.version == 2:
+            windows = args.pretrained_window_sizes or pretrained_windows_of(args.src, allow_pickle=args.allow_pickle)
+            if windows:
+                changes["pretrained_window_sizes"] = tuple(windows)
         if args.img_size:
             changes["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
         if args.window_size:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable, Optional
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
@@ -29,29 +30,30 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def report(result: dict) -> None:
-    if result and int(os.environ.get("RANK", "0")) == 0:
-        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
-
-
-def main(argv=None) -> int:
-    a = parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    from .training import Trainer
+def run_cli(job: Callable[[], Optional[dict]]) -> int:
+    """Run an entry point's job: a user error is one line and exit 2 (on every rank, no traceback); the
+    process group is closed on every exit; rank 0 prints the result."""
     try:
-        result = Trainer(load_config(a.config, a.set), resume=a.resume).fit()
+        result = job()
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        close_process_group()
-    report(result)
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result and int(os.environ.get("RANK", "0")) == 0:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
 
 
-def close_process_group() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def main(argv=None) -> int:
+    a = parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+    def job() -> dict:
+        from .training import Trainer
+        return Trainer(load_config(a.config, a.set), resume=a.resume).fit()
+    return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -175,3 +175,19 @@ def test_http_checkpoints_load(tmp_path):
     finally:
         server.shutdown()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------- the entry points
+
+def test_entry_points_turn_data_and_checkpoint_errors_into_one_line(images, tmp_path):
+    from conftest import base_config, launch
+    out = copy_shards(images, tmp_path / "s")
+    (out / "_info.json").write_text("{not json")
+    r = launch(base_config(str(out / "_info.json"), tmp_path / "run"))  # 2 ranks, the documented command
+    assert r.returncode == 2 and "_info.json: not valid JSON" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
+    r = subprocess.run([sys.executable, "finetune/run.py", "--res", "64", "--pretrained", str(tmp_path / "random.pth"),
+                        "--data", str(copy_shards(images, tmp_path / "s2")), "--output", str(tmp_path / "ft"),
+                        "--set", "data.workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -122,5 +122,5 @@ def test_build_failure_is_an_error_when_required_and_a_logged_fallback_otherwise
 
 
 def test_jpeg_roi_setting_is_checked_on_load():
-    with pytest.raises(ConfigError, match="aug.jpeg_roi must be auto, on or off, got 'yes'"):
+    with pytest.raises(ConfigError, match="aug.jpeg_roi must be one of auto, on, off, got 'yes'"):
         load_config(REPO_CFG, ["aug.jpeg_roi=yes"])

@@ -244,6 +244,108 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
 
 
+def log_spaced_coords(window: Size2, pretrained: Size2 = (0, 0)) -> torch.Tensor:
+    """(1, 2wh-1, 2ww-1, 2) relative coordinates for the continuous position bias (Swin V2): divided by
+    (pretrained window - 1), or by (window - 1) without one, scaled to [-8, 8] and log-spaced,
+    sign(x) * log2(|x| + 1) / log2(8). A window larger than the pretrained one reaches past +-1 before the
+    log: that is how V2 moves to larger windows without resizing anything."""
+    ref = pretrained if pretrained[0] > 0 else window
+    h = torch.arange(-(window[0] - 1), window[0], dtype=torch.float32) / max(ref[0] - 1, 1)
+    w = torch.arange(-(window[1] - 1), window[1], dtype=torch.float32) / max(ref[1] - 1, 1)
+    table = torch.stack(torch.meshgrid(h, w, indexing="ij"), dim=-1).unsqueeze(0) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def coords_reference(table: torch.Tensor) -> int:
+    """The window a (1, 2M-1, 2M-1, 2) `relative_coords_table` was normalised by (its pretrained window, or
+    M itself): the largest coordinate is log2(8 (M-1) / (ref-1) + 1) / 3."""
+    M = (table.shape[1] + 1) // 2
+    top = float(table[0, -1, M - 1, 0])  # the coordinate of offset M-1 along the first axis
+    ratio = (2.0 ** (3.0 * top) - 1.0) / 8.0  # (M-1) / (ref-1)
+    return M if M == 1 or ratio <= 0 else round((M - 1) / ratio + 1)
+
+
+class WindowAttentionV2(nn.Module):
+    """Swin V2 window attention: scaled cosine attention with a learnable per-head temperature (clamped
+    at log(100)) and a continuous position bias, 16 * sigmoid(MLP(log-spaced coordinates)).
+
+    x: (B * nW, N, C) with N = wh * ww; mask: (nW, N, N) additive or None. Same `impl` choice as V1.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: Size2, pretrained_window: Size2 = (0, 0),
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, impl: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if impl not in ("auto", "sdpa", "math"):
+            raise ValueError(f"attn impl must be auto|sdpa|math, got {impl!r}")
+        self.num_heads, self.window, self.pretrained_window = num_heads, window, pretrained_window
+        self.impl, self.attn_drop = impl, attn_drop
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 512, bias=True), nn.ReLU(inplace=True),
+                                     nn.Linear(512, num_heads, bias=False))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        # Derived from the windows alone: never saved, rebuilt for every window size.
+        self.register_buffer("relative_coords_table", log_spaced_coords(window, pretrained_window), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def position_bias(self) -> torch.Tensor:
+        """(heads, N, N): the CPB MLP on this window's coordinates, 16 * sigmoid."""
+        N = self.window[0] * self.window[1]
+        coords = self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype)  # a bf16 module (DeepSpeed) too
+        table = self.cpb_mlp(coords).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        return 16 * torch.sigmoid(bias)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        Bw, N, C = x.shape
+        bias_qkv = None if self.q_bias is None else torch.cat(
+            (self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias_qkv).reshape(Bw, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (Bw, heads, N, d)
+        # Cosine attention: the temperature goes on the normalized q (N x d), not on the N x N logits.
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
+        q, k = F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
+        bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
+        if mask is not None:
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)  # nW, heads, N, N
+        nW = bias.shape[0]
+        use_sdpa = self.impl == "sdpa" or (self.impl == "auto" and x.is_cuda)
+        if use_sdpa:
+            bias = bias.to(q.dtype).unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, -1, N, N)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
+                                                 dropout_p=self.attn_drop if self.training else 0.0)
+        else:
+            attn = q @ k.transpose(-2, -1)
+            attn = (attn.view(-1, nW, self.num_heads, N, N) + bias).view(Bw, self.num_heads, N, N)
+            attn = attn.softmax(dim=-1)
+            if self.training and self.attn_drop > 0:
+                attn = F.dropout(attn, self.attn_drop)
+            out = attn @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
+
+
+class PatchMergingV2(nn.Module):
+    """Swin V2 patch merging: 2x2 concat + Linear, then LayerNorm on the output: (B, H, W, C) ->
+    (B, ceil(H/2), ceil(W/2), 2C). Same concat order as V1."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        H, W = x.shape[1], x.shape[2]
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.norm(self.reduction(x))
+
+
 def trunc_normal_init(module: nn.Module) -> None:
     """Official init: truncated normal (std .02) for Linear weights, zero biases, unit LayerNorm."""
     if isinstance(module, nn.Linear):

@@ -1,4 +1,7 @@
-"""Swin Transformer (Liu et al., 2021), numerically the same network as the official code and timm.
+"""Swin Transformer V1 (Liu et al., 2021) and V2 (Liu et al., 2022), numerically the same networks as the
+official code and timm. `SwinConfig.version` picks the block: V1 pre-norm with a learned bias table, V2
+res-post-norm with scaled cosine attention and a continuous position bias (V2 patch merging: reduction,
+then norm).
 
 Parameter names follow timm's layout (patch merging at the start of stage i+1, classifier `head.fc`), so
 our state dict loads into `timm.create_model(...)` unchanged; `pretrain.checkpoint` converts to and from
@@ -14,8 +17,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, Size2, WindowAttention, ceil_to, permute_tokens,
-                     shifted_window_mask, to_2tuple, trunc_normal_init, window_token_order)
+from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, PatchMergingV2, Size2, WindowAttention,
+                     WindowAttentionV2, ceil_to, permute_tokens, shifted_window_mask, to_2tuple, trunc_normal_init,
+                     window_token_order)
 
 
 @dataclass
@@ -37,6 +41,8 @@ class SwinConfig:
     ape: bool = False
     patch_norm: bool = True
     attn_impl: str = "auto"
+    version: int = 1  # 1: Swin, 2: Swin V2
+    pretrained_window_sizes: tuple[int, ...] = ()  # V2: per stage, the window the CPB was trained at (0: none)
 
     def __post_init__(self) -> None:
         self.img_size = to_2tuple(self.img_size)
@@ -44,6 +50,12 @@ class SwinConfig:
         self.num_heads = tuple(int(h) for h in self.num_heads)
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 (Swin) or 2 (Swin V2), got {self.version}")
+        self.pretrained_window_sizes = tuple(int(w) for w in self.pretrained_window_sizes or ())
+        if self.pretrained_window_sizes and (self.version != 2 or len(self.pretrained_window_sizes) != len(self.depths)):
+            raise ValueError(f"pretrained_window_sizes {self.pretrained_window_sizes}: Swin V2 only, one per stage "
+                             f"({len(self.depths)})")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
 
@@ -56,6 +68,10 @@ VARIANTS: dict[str, dict] = {
     "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
     "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
     "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), version=2),
+    "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), version=2),
+    "swinv2_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), version=2),
+    "swinv2_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), version=2),
 }
 
 
@@ -69,14 +85,17 @@ class SwinBlock(nn.Module):
 
     def __init__(self, dim: int, resolution: Size2, num_heads: int, window_size: int, shift: bool,
                  mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float, drop_path: float,
-                 attn_impl: str):
+                 attn_impl: str, version: int = 1, pretrained_window: int = 0):
         super().__init__()
         self.resolution = resolution
         self.window = tuple(min(r, window_size) for r in resolution)
         self.shift = tuple(0 if (not shift or r <= window_size) else window_size // 2 for r in resolution)
         self.padded = tuple(ceil_to(r, w) for r, w in zip(resolution, self.window))
+        self.post_norm = version == 2  # V2: x + norm(f(x)) instead of x + f(norm(x))
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, drop, attn_impl)
+        self.attn = (WindowAttentionV2(dim, num_heads, self.window, to_2tuple(pretrained_window), qkv_bias, attn_drop,
+                                       drop, attn_impl) if version == 2 else
+                     WindowAttention(dim, num_heads, self.window, qkv_bias, attn_drop, drop, attn_impl))
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
@@ -96,6 +115,9 @@ class SwinBlock(nn.Module):
         return out.view(B, H, W, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = x + self.drop_path(self.norm1(self._attn(x)))
+            return x + self.drop_path(self.norm2(self.mlp(x)))
         x = x + self.drop_path(self._attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -104,15 +126,17 @@ class SwinStage(nn.Module):
     """Optional patch merging, then `depth` blocks alternating W-MSA and SW-MSA."""
 
     def __init__(self, dim: int, in_resolution: Size2, depth: int, num_heads: int, downsample: bool,
-                 drop_path: Sequence[float], cfg: SwinConfig):
+                 drop_path: Sequence[float], cfg: SwinConfig, pretrained_window: int = 0):
         super().__init__()
-        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        merging = PatchMergingV2 if cfg.version == 2 else PatchMerging
+        self.downsample = merging(dim // 2) if downsample else nn.Identity()
         res = tuple((r + 1) // 2 for r in in_resolution) if downsample else in_resolution
         self.resolution = res
         self.blocks = nn.ModuleList([
             SwinBlock(dim, res, num_heads, cfg.window_size, shift=i % 2 == 1, mlp_ratio=cfg.mlp_ratio,
                       qkv_bias=cfg.qkv_bias, drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
-                      drop_path=drop_path[i], attn_impl=cfg.attn_impl)
+                      drop_path=drop_path[i], attn_impl=cfg.attn_impl, version=cfg.version,
+                      pretrained_window=pretrained_window)
             for i in range(depth)])
         self.grad_checkpointing = False
 
@@ -158,13 +182,20 @@ class SwinTransformer(nn.Module):
         stages, res, start = [], grid, 0
         for i, (depth, heads) in enumerate(zip(cfg.depths, cfg.num_heads)):
             stage = SwinStage(cfg.embed_dim * 2 ** i, res, depth, heads, downsample=i > 0,
-                              drop_path=dpr[start:start + depth], cfg=cfg)
+                              drop_path=dpr[start:start + depth], cfg=cfg,
+                              pretrained_window=(cfg.pretrained_window_sizes or (0,) * len(cfg.depths))[i])
             stages.append(stage)
             res, start = stage.resolution, start + depth
         self.layers = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.num_features, cfg.num_classes, cfg.drop_rate)
         self.apply(trunc_normal_init)
+        if cfg.version == 2:  # official V2: residual post-norms start at zero, each block starts as identity
+            for stage in self.layers:
+                for blk in stage.blocks:
+                    for norm in (blk.norm1, blk.norm2):
+                        nn.init.zeros_(norm.weight)
+                        nn.init.zeros_(norm.bias)
 
     @property
     def num_classes(self) -> int:
@@ -177,7 +208,8 @@ class SwinTransformer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names excluded from weight decay besides 1-D params and biases (official recipe)."""
-        names = {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        keys = ("relative_position_bias_table", "cpb_mlp", "logit_scale")  # the official lists (V1, V2)
+        names = {n for n, _ in self.named_parameters() if any(k in n for k in keys)}
         if self.absolute_pos_embed is not None:
             names.add("absolute_pos_embed")
         return names
@@ -230,7 +262,8 @@ def build_model(variant: str = "swin_tiny", **overrides) -> SwinTransformer:
 
 def model_from_section(m) -> SwinTransformer:
     """The model a run config's `model` section describes (variant + any architecture overrides)."""
-    arch = {k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads") if getattr(m, k) is not None}
+    arch = {k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads", "pretrained_window_sizes")
+            if getattr(m, k, None) is not None}
     model = build_model(m.variant, img_size=m.img_size, window_size=m.window_size, num_classes=m.num_classes,
                         drop_path_rate=m.drop_path_rate, ape=m.ape, attn_impl=m.attn_impl, **arch)
     model.set_grad_checkpointing(m.grad_checkpointing)
@@ -244,6 +277,9 @@ def model_from_config(cfg: SwinConfig | dict) -> SwinTransformer:
 def timm_name(cfg: SwinConfig) -> Optional[str]:
     """The timm model name with the same architecture (variant, patch, window), if there is one."""
     for name, arch in VARIANTS.items():
-        if (cfg.embed_dim, cfg.depths, cfg.num_heads) == (arch["embed_dim"], arch["depths"], arch["num_heads"]):
+        if (cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.version) == (
+                arch["embed_dim"], arch["depths"], arch["num_heads"], arch.get("version", 1)):
+            if cfg.version == 2:
+                return f"{name}_window{cfg.window_size}_{cfg.img_size[0]}"
             return f"{name}_patch{cfg.patch_size}_window{cfg.window_size}_{cfg.img_size[0]}"
     return None
