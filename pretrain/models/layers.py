@@ -164,24 +164,49 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def merge_2x2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 4C): each 2x2 neighbourhood concatenated, zero-padded to even
+    sizes, in the official order (x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2])."""
+    B, H, W, C = x.shape
+    x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    H, W = x.shape[1], x.shape[2]
+    return x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+
+
 class PatchMerging(nn.Module):
     """2x2 neighbourhood concat + LayerNorm + Linear: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C).
+    `norm_after` (Swin V2): Linear first, then LayerNorm on the 2C output.
 
-    The concat order (x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]) is the official one, so
-    `reduction.weight` is interchangeable with released checkpoints.
+    The concat order is the official one, so `reduction.weight` is interchangeable with released checkpoints.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, norm_after: bool = False):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)  # registered first, as the official
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = nn.LayerNorm(2 * dim if norm_after else 4 * dim)
+        self.norm_after = norm_after
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        H, W = x.shape[1], x.shape[2]
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.reduction(self.norm(x))
+        x = merge_2x2(x)
+        return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, impl: str,
+                     dropout: float, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v per window (scale None: 1/sqrt(d) in sdpa, none in math, the caller
+    having scaled q). q, k, v: (Bw, heads, N, d); bias: (nW, heads, N, N),
+    one per window position, broadcast over the images. "sdpa": one fused call with the bias as its
+    additive mask; "math": the explicit matmul/softmax of the official code; "auto": sdpa on CUDA."""
+    Bw, heads, N, _ = q.shape
+    nW = bias.shape[0]
+    if impl == "sdpa" or (impl == "auto" and q.is_cuda):
+        bias = bias.to(q.dtype).unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, -1, N, N)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+    attn = (q if scale is None or scale == 1.0 else q * scale) @ k.transpose(-2, -1)
+    attn = (attn.view(-1, nW, heads, N, N) + bias).view(Bw, heads, N, N).softmax(dim=-1)
+    if dropout > 0:
+        attn = F.dropout(attn, dropout)
+    return attn @ v
 
 
 class WindowAttention(nn.Module):
@@ -226,21 +251,8 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (Bw, heads, N, d)
         bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
-            bias = bias + mask.unsqueeze(1).to(bias.dtype)  # nW, heads, N, N
-        nW = bias.shape[0]
-        use_sdpa = self.impl == "sdpa" or (self.impl == "auto" and x.is_cuda)
-        if use_sdpa:
-            # One additive tensor per window position, broadcast over the batch of images.
-            bias = bias.to(q.dtype).unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, -1, N, N)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            attn = (attn.view(-1, nW, self.num_heads, N, N) + bias).view(Bw, self.num_heads, N, N)
-            attn = attn.softmax(dim=-1)
-            if self.training and self.attn_drop > 0:
-                attn = F.dropout(attn, self.attn_drop)
-            out = attn @ v
+            bias = bias + mask.unsqueeze(1).to(bias.dtype)  # nW, heads, N, N: bias and mask in one add
+        out = window_attention(q, k, v, bias, self.impl, self.attn_drop if self.training else 0.0, self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
 
 
@@ -313,37 +325,8 @@ class WindowAttentionV2(nn.Module):
         bias = self.position_bias().unsqueeze(0)  # 1, heads, N, N
         if mask is not None:
             bias = bias + mask.unsqueeze(1).to(bias.dtype)  # nW, heads, N, N
-        nW = bias.shape[0]
-        use_sdpa = self.impl == "sdpa" or (self.impl == "auto" and x.is_cuda)
-        if use_sdpa:
-            bias = bias.to(q.dtype).unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, -1, N, N)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0,
-                                                 dropout_p=self.attn_drop if self.training else 0.0)
-        else:
-            attn = q @ k.transpose(-2, -1)
-            attn = (attn.view(-1, nW, self.num_heads, N, N) + bias).view(Bw, self.num_heads, N, N)
-            attn = attn.softmax(dim=-1)
-            if self.training and self.attn_drop > 0:
-                attn = F.dropout(attn, self.attn_drop)
-            out = attn @ v
+        out = window_attention(q, k, v, bias, self.impl, self.attn_drop if self.training else 0.0, scale=1.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(Bw, N, C)))
-
-
-class PatchMergingV2(nn.Module):
-    """Swin V2 patch merging: 2x2 concat + Linear, then LayerNorm on the output: (B, H, W, C) ->
-    (B, ceil(H/2), ceil(W/2), 2C). Same concat order as V1."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(2 * dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        H, W = x.shape[1], x.shape[2]
-        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
-        return self.norm(self.reduction(x))
 
 
 def trunc_normal_init(module: nn.Module) -> None:

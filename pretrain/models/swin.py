@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, PatchMergingV2, Size2, WindowAttention,
+from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, Size2, WindowAttention,
                      WindowAttentionV2, ceil_to, permute_tokens, shifted_window_mask, to_2tuple, trunc_normal_init,
                      window_token_order)
 
@@ -128,8 +128,7 @@ class SwinStage(nn.Module):
     def __init__(self, dim: int, in_resolution: Size2, depth: int, num_heads: int, downsample: bool,
                  drop_path: Sequence[float], cfg: SwinConfig, pretrained_window: int = 0):
         super().__init__()
-        merging = PatchMergingV2 if cfg.version == 2 else PatchMerging
-        self.downsample = merging(dim // 2) if downsample else nn.Identity()
+        self.downsample = PatchMerging(dim // 2, norm_after=cfg.version == 2) if downsample else nn.Identity()
         res = tuple((r + 1) // 2 for r in in_resolution) if downsample else in_resolution
         self.resolution = res
         self.blocks = nn.ModuleList([
