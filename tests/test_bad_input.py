@@ -191,3 +191,24 @@ def test_entry_points_turn_data_and_checkpoint_errors_into_one_line(images, tmp_
                         "--data", str(copy_shards(images, tmp_path / "s2")), "--output", str(tmp_path / "ft"),
                         "--set", "data.workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_evaluation_that_reads_fewer_images_than_listed_says_so_with_the_true_count(images, tmp_path):
+    import io
+    import tarfile
+    out = copy_shards(images, tmp_path / "s")
+    val = json.loads((out / "_info.json").read_text())["splits"]["validation"]["filenames"][0]
+    src, dst = tarfile.open(out / val), io.BytesIO()
+    with tarfile.open(fileobj=dst, mode="w") as tar:  # same members and sizes, the images' bytes garbage
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            tar.addfile(m, io.BytesIO(os.urandom(len(data)) if m.name.endswith(".jpg") else data))
+    (out / val).write_bytes(dst.getvalue())
+    ckpt = export(build_model("swin_tiny", **{**TINY, "num_classes": 10}), str(tmp_path / "w.safetensors"))
+    r = subprocess.run([sys.executable, "finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json",
+                        "--eval-only", "--res", "64", "--window", "4", "--pretrained", ckpt, "--data", str(out),
+                        "--set", "data.workers=0", "model.num_classes=10"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "WARNING: evaluated 0 of the 8 validation images the manifest lists" in r.stdout, r.stdout[-2000:]
+    assert "'samples': 0" in r.stdout and "'expected': 8" in r.stdout  # the true count, beside the listed one
