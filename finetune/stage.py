@@ -7,10 +7,12 @@ import os
 
 import torch
 
-from pretrain.checkpoint import export, load_pretrained, pretrained_windows_of, stage_windows
-from pretrain.models import build_config, model_from_section
+from pretrain.checkpoint import load_pretrained, pretrained_windows_of, stage_windows
+from pretrain.config import ModelSection, from_dict
+from pretrain.models import config_from_section, model_from_section
+from pretrain.release import export_layouts
 from pretrain.training import Stage, Trainer
-from pretrain.training.checkpointing import latest_tag, load_run_weights, resolve_tag
+from pretrain.training.checkpointing import latest_or_fail, load_run_weights, read_state, resolve_tag
 
 from .config import FinetuneConfig
 
@@ -33,9 +35,7 @@ def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
     if "://" not in source and os.path.isdir(source):
         ckpt_dir, tag = resolve_tag(source)
         with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
-            saved = json.load(f)["model"]
-        arch = {k: saved.get(k) for k in ("embed_dim", "depths", "num_heads", "pretrained_window_sizes")}
-        c = build_config(saved["variant"], img_size=saved["img_size"], window_size=saved["window_size"], **arch)
+            c = config_from_section(from_dict(ModelSection, json.load(f)["model"], "model."))
         windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"
     else:
         windows, where = pretrained_windows_of(source, allow_pickle=cfg.finetune.allow_pickle), source
@@ -69,15 +69,12 @@ def export_finetuned(trainer: Trainer, tag: str) -> None:
     path = os.path.join(cfg.checkpoint_dir, tag)
     nets = {"finetuned": load_run_weights(cfg.checkpoint_dir, tag)}
     if os.path.exists(os.path.join(path, "ema.safetensors")):
-        from safetensors.torch import load_file
-        nets["finetuned_ema"] = load_file(os.path.join(path, "ema.safetensors"))
+        nets["finetuned_ema"] = read_state(os.path.join(path, "ema.safetensors"))
     for name, state in nets.items():
         net = model_from_section(cfg.model)
         net.load_state_dict(state, strict=True)
-        for layout in ("ours", "timm", "official"):
-            if layout == "timm" and net.cfg.ape:
-                continue  # timm's Swin has no absolute position embedding
-            _print0(f"wrote {export(net, os.path.join(out, f'{name}.{layout}.safetensors'), layout=layout)}")
+        for written in export_layouts(net, os.path.join(out, name)):
+            _print0(f"wrote {written}")
 
 
 def finetune_stage(cfg: FinetuneConfig) -> Stage:
@@ -93,9 +90,7 @@ def evaluate_only(cfg: FinetuneConfig, resume: bool) -> dict:
     def weights(model: torch.nn.Module) -> None:
         if not resume:
             return load_weights(cfg, model)
-        tag = latest_tag(cfg.checkpoint_dir) if os.path.isdir(cfg.checkpoint_dir) else None
-        if tag is None:
-            raise FileNotFoundError(f"--resume auto: no complete checkpoint in {cfg.checkpoint_dir}")
+        tag = latest_or_fail(cfg.checkpoint_dir)
         model.load_state_dict(load_run_weights(cfg.checkpoint_dir, tag), strict=True)
         _print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")
 

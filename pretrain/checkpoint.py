@@ -310,8 +310,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], windows_from: Optional[Mapping]
 
 def variant_name(cfg: Mapping[str, Any]) -> str:
     for name, arch in VARIANTS.items():
-        arch = {"version": 1, **arch}
-        if all(tuple(cfg[k]) == tuple(v) if isinstance(v, tuple) else cfg.get(k, 1) == v for k, v in arch.items()):
+        arch = {"version": 1, **arch}  # V1 variants leave it out
+        if all(tuple(cfg[k]) == tuple(v) if isinstance(v, tuple) else cfg[k] == v for k, v in arch.items()):
             return name
     return "custom"
 
@@ -357,8 +357,7 @@ def _check_tables(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], name:
     tables = {k: v for k, v in sd.items() if k.endswith("relative_position_bias_table")}
     if not tables:
         return []
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    window = int(cfg["window_size"]) if cfg and "window_size" in cfg else checkpoint_window(sd)
+    window = int(meta["config"]["window_size"]) if "config" in meta else checkpoint_window(sd)
     per_stage: dict[int, set] = {}
     for k, v in tables.items():
         per_stage.setdefault(int(k.split(".")[1]), set()).add(table_window(v.shape[0]))
@@ -403,9 +402,7 @@ def _note_cpb(report: LoadReport, model: SwinTransformer, sd: Mapping, meta: Map
     what the checkpoint was trained with where the file says."""
     c = model.cfg
     mine = c.pretrained_window_sizes or stage_windows(c)
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else None
-    theirs = ((SwinConfig(**cfg).pretrained_window_sizes or stage_windows(SwinConfig(**cfg))) if cfg else
-              tuple(w[1] for _, w in sorted(v2_windows(sd).items())) or None)
+    theirs = _trained_windows(sd, meta)
     report.notes.append(f"continuous position bias evaluated at window {c.window_size}, coordinates normalised "
                         f"by windows {tuple(mine)}" + ("" if c.pretrained_window_sizes else " (the model's own)"))
     if theirs and tuple(theirs) != tuple(mine):
@@ -540,7 +537,7 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
     """The architecture stored in (ours) or read off (official, timm) a checkpoint; `window_size` for a
     V2 checkpoint in timm's layout, which does not store it."""
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
-    if isinstance(meta.get("config"), dict):
+    if "config" in meta:  # ours: read_checkpoint keeps only our own, parsed
         return SwinConfig(**meta["config"])
     raw = sd
     if detect_layout(sd, meta) == "official":
@@ -559,16 +556,16 @@ def pretrained_windows_of(source: Source, *, allow_pickle: bool = False) -> Opti
     fine-tuned from it should pass as `pretrained_window_sizes`), from our metadata or the official
     `relative_coords_table` buffers; None where the file doesn't say (timm's layout) or for V1."""
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
-    if family(sd) != 2:
-        return None
-    cfg = meta.get("config")
-    if isinstance(cfg, dict):
-        c = SwinConfig(**cfg)
+    return _trained_windows(sd, meta) if family(sd) == 2 else None
+
+
+def _trained_windows(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Optional[tuple[int, ...]]:
+    """Per stage, the windows a V2 state dict's position bias was trained at, where the file says."""
+    if "config" in meta:
+        c = SwinConfig(**meta["config"])
         return c.pretrained_window_sizes or stage_windows(c)
     windows = v2_windows(sd)
-    if not windows:
-        return None
-    return tuple(windows[i][1] for i in sorted(windows))
+    return tuple(windows[i][1] for i in sorted(windows)) or None
 
 
 def stage_windows(cfg: SwinConfig) -> tuple[int, ...]:

@@ -31,12 +31,13 @@ def export_release(path: str, out_dir: Optional[str] = None, tag: Optional[str] 
     out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
     c = model.cfg
     stem = f"{cfg.model.variant}_{c.img_size[0]}_w{c.window_size}_{c.num_classes}cls_{tag}"
-    written = []
-    for layout in layouts:
-        if layout == "timm" and c.ape:
-            continue  # timm's Swin has no absolute position embedding
-        written.append(export(model, os.path.join(out_dir, f"{stem}.{layout}.safetensors"), layout=layout))
-    return written
+    return export_layouts(model, os.path.join(out_dir, stem), layouts)
+
+
+def export_layouts(model, stem: str, layouts: tuple[str, ...] = LAYOUTS) -> list[str]:
+    """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape)."""
+    return [export(model, f"{stem}.{layout}.safetensors", layout=layout) for layout in layouts
+            if not (layout == "timm" and model.cfg.ape)]
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ import tarfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Optional
 
 import fsspec
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from ..io import read_bytes, write_bytes_atomic
-from .loader import iter_samples, read_manifest
+from .loader import iter_samples, mp_context, read_manifest
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
@@ -375,8 +374,7 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=sum(len(j.items) for j in todo), unit="img", desc="writing shards", smoothing=0.1)
     if todo:
-        ctx = get_context(None if opts.start_method == "auto" else opts.start_method)
-        with ctx.Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
+        with mp_context(opts.start_method).Pool(opts.workers) if opts.workers > 1 else _Serial() as pool:
             for name, n, _ in pool.imap_unordered(write_shard, todo):
                 if bar:
                     bar.update(n)

@@ -259,12 +259,17 @@ def build_model(variant: str = "swin_tiny", **overrides) -> SwinTransformer:
     return SwinTransformer(build_config(variant, **overrides))
 
 
-def model_from_section(m) -> SwinTransformer:
-    """The model a run config's `model` section describes (variant + any architecture overrides)."""
+def config_from_section(m) -> SwinConfig:
+    """The architecture a run config's `model` section describes (variant + any architecture overrides)."""
     arch = {k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads", "pretrained_window_sizes")
             if getattr(m, k, None) is not None}
-    model = build_model(m.variant, img_size=m.img_size, window_size=m.window_size, num_classes=m.num_classes,
+    return build_config(m.variant, img_size=m.img_size, window_size=m.window_size, num_classes=m.num_classes,
                         drop_path_rate=m.drop_path_rate, ape=m.ape, attn_impl=m.attn_impl, **arch)
+
+
+def model_from_section(m) -> SwinTransformer:
+    """The model a run config's `model` section describes, with its activation checkpointing set."""
+    model = SwinTransformer(config_from_section(m))
     model.set_grad_checkpointing(m.grad_checkpointing)
     return model
 

@@ -17,6 +17,7 @@ import torch
 from ..config import RunConfig
 from ..io import write_bytes_atomic
 from .backend import Backend
+from .checkpointing import read_state, write_state
 
 
 def _torch_bytes(obj) -> bytes:
@@ -72,22 +73,19 @@ class AccelerateBackend(Backend):
     def save(self, ckpt_dir: str, tag: str) -> None:
         if self.rank != 0:
             return
-        from safetensors.torch import save
         path = os.path.join(ckpt_dir, tag)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
-        write_bytes_atomic(os.path.join(path, "model.safetensors"), save(state))
+        write_state(os.path.join(path, "model.safetensors"), self.module.state_dict())
         write_bytes_atomic(os.path.join(path, "optimizer.pt"), _torch_bytes(self.optimizer.state_dict()))
         scaler = getattr(self.acc, "scaler", None)
         if scaler is not None:
             write_bytes_atomic(os.path.join(path, "scaler.pt"), _torch_bytes(scaler.state_dict()))
 
     def load(self, ckpt_dir: str, tag: str, saved_world: int) -> None:
-        from safetensors.torch import load_file
         path = os.path.join(ckpt_dir, tag)
         if not os.path.exists(os.path.join(path, "model.safetensors")):
             raise FileNotFoundError(f"{path} has no model.safetensors: it was not written by the accelerate "
                                     "backend (resume with the backend that wrote it)")
-        self.module.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        self.module.load_state_dict(read_state(os.path.join(path, "model.safetensors")))
         self.optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu",
                                                   weights_only=True))
         scaler = getattr(self.acc, "scaler", None)

@@ -76,10 +76,6 @@ class Backend:
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
 
 def build_backend(cfg: RunConfig) -> Backend:
     if cfg.backend == "deepspeed":

@@ -121,12 +121,31 @@ def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
             f"{ckpt_dir} to start over")
 
 
+def write_state(path: str, state: dict[str, torch.Tensor]) -> None:
+    """A state dict as a safetensors file (CPU, contiguous), written atomically."""
+    from safetensors.torch import save
+    write_bytes_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+
+
+def read_state(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(path)
+
+
+def latest_or_fail(ckpt_dir: str) -> str:
+    """The newest complete tag, for --resume auto; an error naming the folder when there is none."""
+    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if tag is None:
+        raise FileNotFoundError(f"--resume auto: no complete checkpoint in {ckpt_dir}; start without "
+                                "--resume for a fresh run")
+    return tag
+
+
 def load_run_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 model weights of one checkpoint, whichever backend wrote it."""
     path = os.path.join(ckpt_dir, tag)
     if os.path.exists(os.path.join(path, "model.safetensors")):  # accelerate backend
-        from safetensors.torch import load_file
-        return load_file(os.path.join(path, "model.safetensors"))
+        return read_state(os.path.join(path, "model.safetensors"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
 

@@ -27,6 +27,7 @@ from ..config import ConfigError, RunConfig
 from ..data.jpeg import roi_decoder
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.transforms import BatchAugment
+from ..io import write_bytes_atomic
 from ..models import model_from_section
 from ..seeding import mix_seed
 from . import checkpointing as ckpt
@@ -142,18 +143,11 @@ class Trainer:
         micro-batch before `update`; entries fire one per micro-batch, in order, on every rank's list."""
         return [tuple(int(x) for x in item.split(":")) for item in spec.split(",") if item]
 
-    def _find_checkpoint(self, resume: str) -> tuple[str, str]:
-        ckpt_dir = self.cfg.checkpoint_dir
-        if resume != "auto":
-            return os.path.split(os.path.abspath(resume.rstrip("/")))
-        tag = ckpt.latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-        if tag is None:
-            raise FileNotFoundError(f"--resume auto: no complete checkpoint in {ckpt_dir}; start without "
-                                    "--resume for a fresh run")
-        return ckpt_dir, tag
-
     def _resume(self, resume: str) -> None:
-        ckpt_dir, tag = self._find_checkpoint(resume)
+        if resume == "auto":
+            ckpt_dir, tag = self.cfg.checkpoint_dir, ckpt.latest_or_fail(self.cfg.checkpoint_dir)
+        else:
+            ckpt_dir, tag = os.path.split(os.path.abspath(resume.rstrip("/")))
         with open(os.path.join(ckpt_dir, tag, "client_state.json")) as f:
             saved = json.load(f)
         self.backend.load(ckpt_dir, tag, saved["world"])
@@ -169,8 +163,7 @@ class Trainer:
         self.train_loader.load_state_dict({**loader_state, "world": self.world, "workers": max(1, self.cfg.data.workers)}
                                           if changed else loader_state)
         if self.ema is not None:
-            from safetensors.torch import load_file
-            self.ema.module.load_state_dict(load_file(os.path.join(ckpt_dir, tag, "ema.safetensors")))
+            self.ema.module.load_state_dict(ckpt.read_state(os.path.join(ckpt_dir, tag, "ema.safetensors")))
         ckpt.load_rng(ckpt_dir, tag, self.rank)
         self.scheduler.step_update(self.step)
         self._log0(f"resumed from {os.path.join(ckpt_dir, tag)} at update {self.step} (epoch "
@@ -349,11 +342,9 @@ class Trainer:
         self.backend.save(ckpt_dir, tag)
         ckpt.save_rng(ckpt_dir, tag, self.rank)
         if self.rank == 0:
-            ckpt.write_bytes_atomic(os.path.join(path, "client_state.json"), json.dumps(client).encode())
+            write_bytes_atomic(os.path.join(path, "client_state.json"), json.dumps(client).encode())
             if self.ema is not None:
-                from safetensors.torch import save as st_save
-                ema = {k: v.detach().contiguous().cpu() for k, v in self.ema.module.state_dict().items()}
-                ckpt.write_bytes_atomic(os.path.join(path, "ema.safetensors"), st_save(ema))
+                ckpt.write_state(os.path.join(path, "ema.safetensors"), self.ema.module.state_dict())
         self.backend.barrier()
         if os.environ.get("PRETRAIN_INJECT_CRASH_IN_SAVE") == str(self.step):
             os._exit(17)  # fault injection for tests: die after writing, before the pointer
