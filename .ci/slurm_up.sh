@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on localhost for the tests (root; Debian's packages). Idempotent.
+# A one-node Slurm cluster on localhost for the tests (root; Debian's packages), then the two-node one of
+# .ci/slurm_2node.sh beside it. Idempotent.
 set -euo pipefail
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
@@ -39,7 +40,11 @@ pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 1 60); do
   state=$(sinfo -h -o %t 2>/dev/null | head -1 || true)
-  case "$state" in idle|mix|alloc) echo "slurm up: $HOST $state"; exit 0 ;; esac
+  case "$state" in idle|mix|alloc)
+    echo "slurm up: $HOST $state"
+    # The two-node cluster (two network namespaces) beside it, for tests/test_slurm.py's multi-node jobs.
+    exec bash "$(dirname "$0")/slurm_2node.sh" up ;;
+  esac
   [ "$state" = "down" ] || [ "$state" = "drain" ] && scontrol update nodename="$HOST" state=resume 2>/dev/null || true
   sleep 1
 done

@@ -1,11 +1,16 @@
-"""Engine step time against a plain DDP loop, and bytes held per rank for ZeRO stages 0-3.
+"""Engine step time against a plain loop and timm's model, and bytes held per rank for ZeRO stages 0-3.
 
+    deepspeed --num_gpus 1 benchmarks/engine_step.py speed --shards DIR/_info.json --variant swin_base \
+        --img 224 --micro 128 --compile --workers 14 --timm
     DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 benchmarks/engine_step.py speed --shards DIR/_info.json
     DS_ACCELERATOR=cpu deepspeed --num_accelerators 2 benchmarks/engine_step.py memory --variants swin_base swin_large
 
-speed: the same model (swin_tiny at 64 px unless --variant/--img), the same shards through the same loader and
-batch augmentation, bf16; (a) our Trainer (DeepSpeed engine, ZeRO --stage), (b) torch DDP with bf16
-autocast and torch AdamW. Alternating rounds; median seconds per optimizer update after warm-up.
+speed: one run, the same shards through the same loader (--workers) and batch augmentation, the run's
+precision; (a) "engine": our Trainer's micro-step (backend --backend, ZeRO --stage, model.compile as
+--compile); (b) "plain": our model in a bare loop (DDP when there are several ranks, bf16 autocast,
+torch.compile with --compile, fused AdamW, clip); (c) with --timm, "timm": timm's Swin of the same
+architecture in that same loop. Alternating rounds; per loop: median s/update after warm-up, img/s (all
+ranks), MFU (on known GPUs), peak memory (CUDA), time to first step (compilation included).
 memory: for each stage, one bf16 micro-batch step of the engine, then every tensor the engine's module and
 optimizer hold on this rank, summed by kind (read from the engine, not estimated).
 """
@@ -24,20 +29,23 @@ from pretrain.config import TrainConfig, from_dict, validate
 from pretrain.models import model_from_section
 from pretrain.seeding import mix_seed
 from pretrain.training import Trainer
+from pretrain.training.metrics import forward_flops, peak_tflops
 from pretrain.training.optim import param_groups
 
 
-def tiny_config(shards: str, variant: str, img: int, stage: int, micro: int, precision: str,
-                backend: str) -> TrainConfig:
+def bench_config(a) -> TrainConfig:
+    world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = from_dict(TrainConfig, {
-        "run_dir": "/tmp/engine_bench", "backend": backend, "model": {"variant": variant, "img_size": img, "window_size": img // 32 or 2,
-                                                   "num_classes": 10, "drop_path_rate": 0.1},
-        "data": {"train": shards, "workers": 1, "shuffle_buffer": 64},
-        "aug": {"auto_augment": None, "mixup": 0.8, "cutmix": 1.0, "re_prob": 0.25},
-        "optim": {"global_batch": micro * int(os.environ.get("WORLD_SIZE", 1)), "micro_batch": micro,
-                  "epochs": 1000, "warmup_epochs": 0, "precision": precision,
-                  "zero_stage": stage if backend == "deepspeed" else None},
-        "checkpoint": {"every_steps": 10**9}, "log": {"every_steps": 10**9, "tensorboard": False, "progress": False}})
+        "run_dir": a.run_dir, "backend": a.backend,
+        "model": {"variant": a.variant, "img_size": a.img, "window_size": a.window or max(2, a.img // 32),
+                  "num_classes": a.classes, "drop_path_rate": 0.1, "compile": a.compile},
+        "data": {"train": a.shards, "workers": a.workers, "shuffle_buffer": 64},
+        "aug": {"auto_augment": None if a.no_randaug else "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
+                "re_prob": 0.25},
+        "optim": {"global_batch": a.micro * world, "micro_batch": a.micro, "epochs": 1000, "warmup_epochs": 0,
+                  "precision": a.precision, "zero_stage": a.stage if a.backend == "deepspeed" else None},
+        "checkpoint": {"every_steps": 10**9}, "log": {"every_steps": 10**9, "tensorboard": False, "progress": False},
+        "deepspeed": json.loads(a.ds) if a.backend == "deepspeed" else {}})
     validate(cfg)
     return cfg
 
@@ -47,55 +55,114 @@ def forever(loader):
         yield from loader
 
 
-def time_engine(trainer: Trainer, it, steps: int) -> list[float]:
-    times = []
-    for i in range(steps):
-        t0 = time.perf_counter()
-        images, labels = next(it)
-        trainer._micro_step(images, labels, 0, i + 1)
-        times.append(time.perf_counter() - t0)
-    return times
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def time_ddp(trainer: Trainer, model, opt, it, steps: int) -> list[float]:
+class EngineLoop:
+    """Our Trainer, one micro-batch per update (global batch = micro-batch x ranks)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.i = trainer, 0
+
+    def __call__(self, images, labels) -> None:
+        self.i += 1
+        if self.trainer._micro_step(images, labels, 0, self.i):
+            self.trainer.step += 1
+            self.trainer._sync_update()  # the loop's per-update host sync, as in training
+
+
+class PlainLoop:
+    """The bare step a user would write: autocast, (compiled) model, fused AdamW, clip; DDP over ranks."""
+
+    def __init__(self, trainer: Trainer, model: torch.nn.Module, compile_model: bool):
+        self.trainer, self.i = trainer, 0
+        model = model.to(trainer.device)
+        self.opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, fused=True)
+        if compile_model:
+            model.compile()
+        self.model = (torch.nn.parallel.DistributedDataParallel(model) if trainer.world > 1 else model)
+        self.autocast = torch.autocast(trainer.device.type, dtype=torch.bfloat16,
+                                       enabled=trainer.cfg.optim.precision == "bf16")
+
+    def __call__(self, images, labels) -> None:
+        self.i += 1
+        t = self.trainer
+        x, y = t.augment(images, labels, step_seed=mix_seed(0, 0, self.i, t.rank))
+        with self.autocast:
+            out = self.model(x)
+        t.criterion(out.float(), y).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.cfg.optim.clip_grad, foreach=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def timm_twin(cfg: TrainConfig) -> torch.nn.Module:
+    """timm's Swin with our model's architecture (same variant, resolution, window, classes)."""
+    import timm
+    from pretrain.models.swin import config_from_section
+    c = config_from_section(cfg.model)
+    name = {1: "swin_base_patch4_window7_224", 2: "swinv2_base_window8_256"}[c.version]
+    return timm.create_model(name, pretrained=False, img_size=c.img_size, window_size=c.window_size,
+                             embed_dim=c.embed_dim, depths=c.depths, num_heads=c.num_heads,
+                             num_classes=c.num_classes, drop_path_rate=0.1)
+
+
+def time_loop(step, it, steps: int, device: torch.device) -> list[float]:
     times = []
-    for i in range(steps):
+    for _ in range(steps):
         t0 = time.perf_counter()
-        images, labels = next(it)
-        x, y = trainer.augment(images, labels, step_seed=mix_seed(0, 0, i + 1, trainer.rank))
-        with torch.autocast(device_type=trainer.device.type, dtype=torch.bfloat16,
-                            enabled=trainer.cfg.optim.precision == "bf16"):
-            out = model(x)
-        loss = trainer.criterion(out.float(), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step(*next(it))
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
 def speed(a) -> None:
-    cfg = tiny_config(a.shards, a.variant, a.img, a.stage, a.micro, a.precision, a.backend)
-    cfg.deepspeed = json.loads(a.ds)
+    cfg = bench_config(a)
     trainer = Trainer(cfg)
+    dev = trainer.device
     torch.manual_seed(0)
-    base = model_from_section(trainer.cfg.model).to(trainer.device)
-    ddp = torch.nn.parallel.DistributedDataParallel(base)
-    opt = torch.optim.AdamW(param_groups(base, 0.05), lr=1e-4, fused=trainer.device.type == "cuda")
-    eng, plain = [], []
+    loops = {"engine": EngineLoop(trainer),
+             "plain": PlainLoop(trainer, model_from_section(cfg.model), trainer.compiled or a.compile is True)}
+    if a.timm:
+        loops["timm"] = PlainLoop(trainer, timm_twin(cfg), trainer.compiled or a.compile is True)
     it = forever(trainer.train_loader)
-    for r in range(a.rounds):
-        e = time_engine(trainer, it, a.steps)
-        p = time_ddp(trainer, ddp, opt, it, a.steps)
-        eng += e[a.warmup:]
-        plain += p[a.warmup:]
+    first, times, peak = {}, {k: [] for k in loops}, {}
+    for name, step in loops.items():  # the first step of each: compilation, lazy state
+        t0 = time.perf_counter()
+        step(*next(it))
+        sync(dev)
+        first[name] = time.perf_counter() - t0
+    for _ in range(a.rounds):
+        for name, step in loops.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            times[name] += time_loop(step, it, a.steps, dev)[a.warmup:]
+            if dev.type == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated(dev) / 2**30)
+    flops = 3 * forward_flops(model_from_section(cfg.model), cfg.model.img_size)
     if trainer.rank == 0:
-        me, mp_ = statistics.median(eng), statistics.median(plain)
-        print(json.dumps({"backend": a.backend, "variant": a.variant, "img": a.img, "micro_batch": a.micro,
-                          "zero_stage": a.stage,
-                          "precision": a.precision, "ds": json.loads(a.ds),
-                          "world": trainer.world, "engine_s": me, "ddp_s": mp_, "engine_over_ddp": me / mp_}))
+        peak_tf = peak_tflops(dev)
+        row = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "world": trainer.world,
+               "backend": a.backend, "zero_stage": a.stage, "variant": a.variant, "img": a.img,
+               "micro_batch": a.micro, "precision": a.precision, "compile": trainer.compiled,
+               "workers": a.workers, "ds": json.loads(a.ds)}
+        for name in loops:
+            s = statistics.median(times[name])
+            img_s = a.micro * trainer.world / s
+            row[name] = {"s_per_update": s, "img_s": img_s, "first_step_s": first[name],
+                         "mfu": flops * img_s / trainer.world / (peak_tf * 1e12) if peak_tf else None,
+                         "peak_gib": peak.get(name)}
+        row["engine_over_plain"] = row["plain"]["s_per_update"] / row["engine"]["s_per_update"]
+        if a.timm:
+            row["ours_over_timm"] = row["timm"]["s_per_update"] / row["plain"]["s_per_update"]
+        print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    trainer.train_loader.close()
 
 
 def held_bytes(engine) -> dict:
@@ -164,12 +231,21 @@ def main() -> None:
     p.add_argument("--shards", help="speed: training shards' _info.json")
     p.add_argument("--variant", default="swin_tiny")
     p.add_argument("--img", type=int, default=64)
-    p.add_argument("--micro", type=int, default=16)
+    p.add_argument("--window", type=int, default=0, help="attention window (default img/32)")
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--micro", type=int, default=16, help="micro-batch per rank (= the update's batch per rank)")
     p.add_argument("--stage", type=int, default=1)
     p.add_argument("--backend", default="deepspeed", choices=["deepspeed", "accelerate"],
                    help="speed: the training loop's backend (accelerate: DDP; run it under torchrun)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--compile", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
+                   help="model.compile for the engine, and torch.compile for the plain loops: auto|true|false")
+    p.add_argument("--timm", action="store_true", help="speed: also timm's Swin in the plain loop")
+    p.add_argument("--workers", type=int, default=1, help="speed: loader workers per rank")
+    p.add_argument("--no-randaug", action="store_true", help="speed: no RandAugment in the loader")
+    p.add_argument("--run-dir", default="/tmp/engine_bench", help="speed: the engine's run dir (compile cache)")
     p.add_argument("--ds", default="{}", help="speed: JSON merged into the DeepSpeed config")
+    p.add_argument("--json", help="speed: append the result row here")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)

@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
-    p.add_argument("--attn-impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "math"])
+    p.add_argument("--attn-impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "flex", "math"])
     p.add_argument("--json", help="append results as JSON lines here")
     a = p.parse_args()
     if a.device == "cuda":

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 # No torch, timm or torchvision here: the sbatch script and tools read configs without loading them.
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
@@ -56,7 +56,9 @@ class ModelSection:
     drop_path_rate: float = 0.2  # stochastic depth at the last block (linear from 0)
     ape: bool = False  # absolute position embedding (off in all released Swin models)
     grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more compute)
-    attn_impl: str = "auto"  # auto (sdpa on CUDA, math elsewhere) | sdpa | math
+    attn_impl: str = "auto"  # auto (sdpa on CUDA, math elsewhere) | sdpa | flex (FlexAttention, CUDA) | math
+    compile: Union[bool, str] = "auto"  # torch.compile the model in the engine: auto (on for CUDA, off on CPU) | true | false
+    compile_cache: str = ""  # persistent inductor/Triton cache, so a requeued job compiles fast; "": <run_dir>/compile_cache
     embed_dim: Optional[int] = None  # with depths and num_heads: a custom architecture instead of the variant's
     depths: Optional[list[int]] = None  # blocks per stage, e.g. [2, 2, 18, 2]
     num_heads: Optional[list[int]] = None  # attention heads per stage, e.g. [4, 8, 16, 32]
@@ -179,7 +181,13 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        return _check_type(value, next(a for a in args if a is not type(None)), key)
+        options = [a for a in args if a is not type(None)]
+        for a in options[:-1]:  # Union[bool, str]: the first type the value has
+            try:
+                return _check_type(value, a, key)
+            except ConfigError:
+                pass
+        return _check_type(value, options[-1], key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -284,7 +292,8 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(m.window_size, "model.window_size", 1),
         in_range(m.num_classes, "model.num_classes", 0),
         in_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, hi_open=True),
-        one_of(m.attn_impl, "model.attn_impl", ("auto", "sdpa", "math")),
+        one_of(m.attn_impl, "model.attn_impl", ("auto", "sdpa", "flex", "math")),
+        one_of(m.compile, "model.compile", (True, False, "auto")),
         one_of(m.variant, "model.variant", VARIANTS),
         (m.pretrained_window_sizes is None or (m.variant.startswith("swinv2") and all(w >= 0 for w in
                                                 m.pretrained_window_sizes)),

@@ -20,11 +20,16 @@ from conftest import DEEPSPEED, REPO, losses, torchrun
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=8)
 
 
-@pytest.fixture(scope="module")
-def official_ckpt(tmp_path_factory):
+def official_checkpoint(path: Path) -> str:
+    """A seeded tiny Swin at 32 px / window 4, exported in the official layout."""
     torch.manual_seed(0)
     model = build_model("swin_tiny", img_size=32, window_size=4, **TINY)
-    return export(model, str(tmp_path_factory.mktemp("pre") / "tiny_official.pth"), layout="official")
+    return export(model, str(path), layout="official")
+
+
+@pytest.fixture(scope="module")
+def official_ckpt(tmp_path_factory):
+    return official_checkpoint(tmp_path_factory.mktemp("pre") / "tiny_official.pth")
 
 
 def config(tmp_path: Path, shards: str, pretrained: str, epochs: int, **sections) -> str:

@@ -146,3 +146,25 @@ def test_drop_path_only_in_training():
     a = m(x)
     torch.manual_seed(2)
     assert not torch.allclose(a, m(x))
+
+
+@pytest.mark.parametrize("variant", ["swin_tiny", "swinv2_tiny"])
+def test_flex_attention_forward_equals_the_math_path(variant):
+    """attn_impl="flex": FlexAttention compiled by inductor (its CPU forward kernel), shifted windows with
+    their mask, a padded resolution (40 px: 10x10 tokens in 4x4 windows)."""
+    torch.manual_seed(0)
+    kw = dict(img_size=40, window_size=4, num_classes=5, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+              drop_path_rate=0.0)
+    math_model = build_model(variant, attn_impl="math", **kw).eval()
+    flex_model = build_model(variant, attn_impl="flex", **kw).eval()
+    flex_model.load_state_dict(math_model.state_dict())
+    for block in flex_model.modules():  # a non-zero relative-position bias, so the score_mod matters
+        if hasattr(block, "relative_position_bias_table"):
+            torch.nn.init.normal_(block.relative_position_bias_table, std=0.5)
+    math_model.load_state_dict(flex_model.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        want, got = math_model(x), flex_model(x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (got - want).abs().max()
+    with pytest.raises(RuntimeError, match="no CPU backward"):
+        flex_model.train()(x.requires_grad_())

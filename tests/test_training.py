@@ -109,3 +109,56 @@ def test_the_library_imports_no_app():
                  if any(line.lstrip().startswith(("import finetune", "from finetune"))
                         for line in p.read_text().splitlines())]
     assert offenders == []
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts every aten op that reaches the dispatcher (a foreach/fused op over N tensors counts once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def update_ops(depths: tuple, nan: bool = False) -> tuple[int, dict, torch.nn.Module]:
+    """Aten ops of one steady-state optimizer update (norm, non-finite check, clip, fused AdamW) of the
+    accelerate backend: the second one (the first also creates the optimizer state, per tensor)."""
+    from pretrain.training.accelerate_backend import AccelerateBackend
+    from pretrain.training.optim import build_optimizer
+    cfg = load_config(None, ["backend=accelerate", "optim.precision=fp32", "model.variant=swin_tiny",
+                             "model.img_size=32", "model.window_size=4", "model.num_classes=4",
+                             f"model.depths={list(depths)}", "model.num_heads=[1,1,2,2]", "model.embed_dim=8",
+                             "optim.global_batch=2", "optim.micro_batch=2"])
+    torch.manual_seed(0)
+    model = build_model("swin_tiny", img_size=32, window_size=4, num_classes=4, embed_dim=8, depths=depths,
+                        num_heads=(1, 1, 2, 2))
+    backend = AccelerateBackend(cfg)
+    backend.prepare(model, build_optimizer(model, cfg, 1.0, backend.device), accum=1)
+    backend.backward(backend.forward(torch.randn(2, 3, 32, 32)).sum(), boundary=True)
+    backend.step()
+    loss = backend.forward(torch.randn(2, 3, 32, 32)).sum()
+    backend.backward(loss * float("nan") if nan else loss, boundary=True)
+    before = {k: v.clone() for k, v in backend.module.state_dict().items()}
+    with OpCounter() as counter:
+        backend.step()
+    return sum(counter.ops.values()), counter.ops, before, backend.module
+
+
+def test_one_update_costs_the_same_ops_whatever_the_number_of_parameter_tensors():
+    small, small_ops, _, m_small = update_ops((2, 2, 2, 2))
+    big, big_ops, _, m_big = update_ops((2, 2, 18, 2))
+    n_small, n_big = len(list(m_small.parameters())), len(list(m_big.parameters()))
+    assert n_big - n_small >= 100, (n_small, n_big)
+    # foreach norm + clip, fused AdamW, one non-finite flag: no per-tensor op (seen: equal counts)
+    assert abs(big - small) <= 4, (small, big, {k: (small_ops.get(k), v) for k, v in big_ops.items()
+                                                if small_ops.get(k) != v})
+    assert big < 60, big_ops
+
+
+def test_a_non_finite_update_changes_nothing_on_the_device():
+    _, ops, before, model = update_ops((2, 2, 2, 2), nan=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("item" in k or "_local_scalar_dense" in k for k in ops), ops  # no host read to decide

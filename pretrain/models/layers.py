@@ -191,14 +191,46 @@ class PatchMerging(nn.Module):
         return self.norm(self.reduction(x)) if self.norm_after else self.reduction(self.norm(x))
 
 
+ATTN_IMPLS = ("auto", "sdpa", "flex", "math")
+_FLEX = None
+
+
+def compiled_flex_attention():
+    """torch's FlexAttention, compiled once (eager flex_attention is an unfused reference implementation)."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _FLEX = torch.compile(flex_attention, dynamic=False)
+    return _FLEX
+
+
+def check_attn_impl(impl: str, attn_drop: float) -> None:
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn impl must be one of {'|'.join(ATTN_IMPLS)}, got {impl!r}")
+    if impl == "flex" and attn_drop > 0:
+        raise ValueError("attn impl 'flex' has no attention dropout: use attn_drop=0 or impl 'sdpa'/'math'")
+
+
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, impl: str,
                      dropout: float, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q k^T * scale + bias) v per window (scale None: 1/sqrt(d) in sdpa, none in math, the caller
-    having scaled q). q, k, v: (Bw, heads, N, d); bias: (nW, heads, N, N),
-    one per window position, broadcast over the images. "sdpa": one fused call with the bias as its
-    additive mask; "math": the explicit matmul/softmax of the official code; "auto": sdpa on CUDA."""
+    """softmax(q k^T * scale + bias) v per window (scale None: 1/sqrt(d) in sdpa and flex, none in math, the
+    caller having scaled q). q, k, v: (Bw, heads, N, d); bias: (nW, heads, N, N) or (1, heads, N, N), one
+    per window position, broadcast over the images (window b is at position b % nW).
+
+    "sdpa": one fused call with the bias expanded to an additive mask; "flex": FlexAttention (compiled) with
+    the bias read inside the kernel by a score_mod, nothing materialized per window; "math": the explicit
+    matmul/softmax of the official code; "auto": sdpa on CUDA, math elsewhere."""
     Bw, heads, N, _ = q.shape
     nW = bias.shape[0]
+    if impl == "flex":
+        if not q.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("attn impl 'flex' has no CPU backward in torch: train on CPU with "
+                               "model.attn_impl=math (or sdpa); flex is for CUDA and for CPU inference")
+        bias = bias.to(q.dtype)
+
+        def add_bias(score, b, h, q_idx, kv_idx):
+            return score + bias[b % nW, h, q_idx, kv_idx]
+        return compiled_flex_attention()(q, k, v, score_mod=add_bias, scale=scale)
     if impl == "sdpa" or (impl == "auto" and q.is_cuda):
         bias = bias.to(q.dtype).unsqueeze(0).expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, -1, N, N)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
@@ -214,9 +246,8 @@ class WindowAttention(nn.Module):
 
     x: (B * nW, N, C) with N = wh * ww; mask: (nW, N, N) additive or None.
 
-    `impl` picks the kernel: "sdpa" hands bias+mask to F.scaled_dot_product_attention as one additive
-    tensor; "math" is the explicit matmul/softmax of the official code; "auto" uses sdpa on CUDA and math
-    elsewhere (what benchmarks/model_step.py measured fastest on each).
+    `impl` picks the kernel (window_attention): "sdpa", "flex" (FlexAttention), "math" (the official code's
+    matmul/softmax) or "auto" (sdpa on CUDA and math elsewhere).
     """
 
     def __init__(self, dim: int, num_heads: int, window: Size2, qkv_bias: bool = True,
@@ -224,8 +255,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn impl must be auto|sdpa|math, got {impl!r}")
+        check_attn_impl(impl, attn_drop)
         self.num_heads = num_heads
         self.window = window
         self.scale = (dim // num_heads) ** -0.5
@@ -289,8 +319,7 @@ class WindowAttentionV2(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        if impl not in ("auto", "sdpa", "math"):
-            raise ValueError(f"attn impl must be auto|sdpa|math, got {impl!r}")
+        check_attn_impl(impl, attn_drop)
         self.num_heads, self.window, self.pretrained_window = num_heads, window, pretrained_window
         self.impl, self.attn_drop = impl, attn_drop
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))

@@ -18,6 +18,7 @@ from ..config import RunConfig
 from ..io import write_bytes_atomic
 from .backend import Backend
 from .checkpointing import read_state, write_state
+from .optim import SkipNonFinite
 
 
 def _torch_bytes(obj) -> bytes:
@@ -38,12 +39,14 @@ class AccelerateBackend(Backend):
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
         self.model = self.optimizer = None
+        self._norm = torch.zeros(())
 
     def prepare(self, model, optimizer, accum: int) -> None:
         self.accum = accum
         if optimizer is None:
             self.model = self.acc.prepare(model)
         else:
+            SkipNonFinite(optimizer, lambda: self._norm)
             self.model, self.optimizer = self.acc.prepare(model, optimizer)
 
     @property
@@ -64,11 +67,17 @@ class AccelerateBackend(Backend):
             self.acc.backward(loss / self.accum)
 
     def step(self) -> Optional[torch.Tensor]:
+        # foreach norm and clip, fused AdamW: the op count does not grow with the number of parameter tensors;
+        # a non-finite norm makes the optimizer skip the update on the device (SkipNonFinite).
+        self.acc.unscale_gradients()  # fp16: GradScaler's unscale (a no-op otherwise)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self._norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         clip = self.cfg.optim.clip_grad
-        norm = self.acc.clip_grad_norm_(self.model.parameters(), clip) if clip else None
+        if clip:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, self._norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return None if norm is None else norm.detach().float()
+        return self._norm.detach().float()
 
     def save(self, ckpt_dir: str, tag: str) -> None:
         if self.rank != 0:

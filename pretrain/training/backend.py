@@ -41,6 +41,10 @@ class Backend:
     def train(self, mode: bool = True) -> None:
         raise NotImplementedError
 
+    def compile(self) -> None:
+        """torch.compile the model in place: parameter names (and so checkpoints) stay as they are."""
+        self.module.compile()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """float32 normalized images (B, 3, H, W) -> float32 logits, in the run's precision."""
         raise NotImplementedError

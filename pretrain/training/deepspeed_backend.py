@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from .backend import DTYPES, Backend
 from .checkpointing import MARKER
+from .optim import SkipNonFinite
 
 
 def deepspeed_config(cfg: RunConfig, world: int) -> dict:
@@ -23,7 +24,10 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
         "gradient_accumulation_steps": cfg.accumulation(world),
         "gradient_clipping": o.clip_grad,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": o.precision == "bf16"},
+        # DeepSpeed's bf16 overflow check is one isfinite+abs per gradient tensor and a host sync per update
+        # (ZeRO 1-2); SkipNonFinite skips such an update on the device from the global norm instead. ZeRO-0
+        # and -3 check the norm themselves.
+        "bf16": {"enabled": o.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": o.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
@@ -54,6 +58,8 @@ class DeepSpeedBackend(Backend):
     def prepare(self, model, optimizer, accum: int) -> None:
         import deepspeed
         self.accum = accum
+        if optimizer is not None:  # DeepSpeed steps it on its flat fp32 partitions, after computing the norm
+            SkipNonFinite(optimizer, lambda: self.engine.optimizer._global_grad_norm)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(self.cfg, self.world))
 
@@ -63,6 +69,9 @@ class DeepSpeedBackend(Backend):
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def compile(self) -> None:
+        self.engine.compile()  # the engine's own: module.compile() with the accelerator's backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.engine(x.to(self.dtype)).float()

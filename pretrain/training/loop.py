@@ -3,10 +3,11 @@
     Trainer(cfg, resume="auto" | TAG_DIR | None, stage=Stage(...)).fit()
 
 Per update: loader batches (uint8, workers) -> BatchAugment on the device (normalize, erase, Mixup, seeded
-by (seed, epoch, micro-batch, rank)) -> forward -> a non-finite loss on any rank skips that micro-batch on
-every rank -> backward (accumulation) -> step on the boundary. Then, on cadence: logs (all-reduced loss),
-evaluation, checkpoints; at every update boundary, all ranks agree on a preemption signal (USR1: save +
-requeue; TERM: save within the budget) before acting.
+by (seed, epoch, micro-batch, rank)) -> forward -> backward (accumulation) -> step on the boundary, which
+the optimizer skips on the device when the global gradient norm is non-finite. No host sync per micro-batch:
+one per update, where all ranks agree on a preemption signal (USR1: save + requeue; TERM: save within the
+budget) and learn whether the update was skipped. Then, on cadence: logs (all-reduced loss), evaluation,
+checkpoints.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from ..seeding import mix_seed
 from . import checkpointing as ckpt
 from .backend import Backend, build_backend
 from .metrics import MetricsWriter, forward_flops, peak_tflops, topk_counts, topk_metrics
-from .optim import WeightEma, build_criterion, build_optimizer, build_scheduler
+from .optim import WeightEma, build_criterion, build_optimizer, build_scheduler, nonfinite
 
 log = logging.getLogger("pretrain")
 
@@ -73,6 +74,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: Optional[str] = None, stage: Optional[Stage] = None,
                  training: bool = True):
+        self._t_start = time.time()
         self.cfg, self.stage, self.resume = cfg, stage or Stage(), resume
         if self.stage.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("an EMA (finetune.ema_decay) needs whole weights on every rank: use "
@@ -92,11 +94,13 @@ class Trainer:
         self.ema = WeightEma(model, self.stage.ema_decay, self.device) if self.stage.ema_decay else None
         self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay, self.device) if training else None
         self.backend.prepare(model, self.optimizer, self.accum)
+        self.compiled = self._compile()
         self.step = 0
         self.nonfinite_total = self.nonfinite_run = 0
-        self._good_micro = 0  # finite micro-batches of the update being accumulated
+        self._micro_in_update = 0
         self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_n = 0
+        self._loss_n = torch.zeros((), device=self.device)
+        self._preempt_code = 0
         self._grad_norm: Optional[torch.Tensor] = None
         self._last_save_s = 0.0
         self._saved_step = -1
@@ -136,6 +140,22 @@ class Trainer:
             self._resume(self.resume)
         self.metrics = MetricsWriter(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.log.progress,
                                      self.total_updates, self.step)
+
+    def _compile(self) -> bool:
+        """model.compile: torch.compile inside the engine, with inductor's and Triton's caches in a persistent
+        folder so a requeued or resumed job reuses the kernels instead of compiling them again."""
+        m = self.cfg.model
+        if not (self.device.type == "cuda" if m.compile == "auto" else m.compile):
+            return False
+        cache = m.compile_cache or os.path.join(self.cfg.run_dir, "compile_cache")
+        warm = os.path.isdir(cache) and any(os.scandir(cache))
+        os.makedirs(cache, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read when inductor first compiles
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        self.backend.compile()
+        self._log0(f"model compiled with torch.compile (cache {cache}: {'warm' if warm else 'empty'}); the first "
+                   "update includes the compilation")
+        return True
 
     @staticmethod
     def _parse_injection(spec: str) -> list:
@@ -217,6 +237,13 @@ class Trainer:
 
     def _after_update(self, epoch: int, result: dict) -> dict:
         self.step += 1
+        self._sync_update()
+        if self._t_start is not None:  # the first update of this process: how long a (re)start costs
+            first = time.time() - self._t_start
+            self._t_start = None
+            self.metrics.write({"step": self.step, "time_to_first_step_s": first, "compiled": self.compiled})
+            self._log0(f"first update after {first:.1f} s (process group, engine, data, "
+                       f"{'compilation, ' if self.compiled else ''}forward/backward)")
         self.scheduler.step_update(self.step)
         if self.ema is not None:
             self.ema.update(self.backend.module)
@@ -232,9 +259,8 @@ class Trainer:
         return result
 
     def _check_preemption(self) -> None:
-        """All ranks agree on a signal any of them got (USR1 or TERM), at this update boundary."""
-        flag = torch.tensor([float(self.preempt.value)], device=self.device)
-        code = int(self.backend.all_reduce(flag, op=torch.distributed.ReduceOp.MAX).item())
+        """All ranks agree on a signal any of them got (USR1 or TERM), at this update boundary (_sync_update)."""
+        code = self._preempt_code
         if not code:
             return
         if code == slurm.PreemptionFlag.USR1:
@@ -252,40 +278,49 @@ class Trainer:
         raise Preempted(143)
 
     def _micro_step(self, images, labels, epoch: int, micro: int) -> bool:
-        """Forward/backward of one micro-batch; returns whether an optimizer update happened.
+        """Forward/backward of one micro-batch; returns whether this was an update boundary.
 
-        A non-finite loss on any rank skips this micro-batch on every rank (no backward, no step), so the
-        update is made of finite micro-batches only and the ranks stay in step.
+        Nothing here waits for the device: a non-finite loss on any rank makes the all-reduced gradients and
+        so the global gradient norm non-finite, and the optimizer skips that whole update on every rank, on
+        the device (SkipNonFinite); the loop learns of it at the update's one host sync (_sync_update).
         """
         x, y = self.augment(images, labels, step_seed=mix_seed(self.cfg.seed, epoch, micro, self.rank))
         self.backend.train()
         loss = self.criterion(self.backend.forward(x), y)
-        update = self.step + 1
-        if self._inject_nan and self._inject_nan[0][0] == update:
+        if self._inject_nan and self._inject_nan[0][0] == self.step + 1:
             if self._inject_nan.pop(0)[1] == self.rank:
                 loss = loss * float("nan")
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        if self.backend.all_reduce(bad, op=torch.distributed.ReduceOp.MAX).item():
-            self.nonfinite_total += 1
-            self.nonfinite_run += 1
-            self._log0(f"non-finite loss before update {update} (epoch {epoch}, micro-batch {micro}): skipped on "
-                       f"all ranks ({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
-            if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
-                raise NonFiniteLossError(f"{self.nonfinite_run} non-finite losses in a row (optim.max_nonfinite="
-                                         f"{self.cfg.optim.max_nonfinite}) before update {update}: lower the lr, "
-                                         "check the data, or use bf16 instead of fp16")
-            return False
-        self.nonfinite_run = 0
-        self._good_micro += 1
-        boundary = self._good_micro == self.accum
-        self._loss_sum += loss.detach()
-        self._loss_n += 1
+        finite = torch.isfinite(loss.detach())
+        self._loss_sum += torch.where(finite, loss.detach(), 0.0)  # the logged mean is over finite losses
+        self._loss_n += finite
+        self._micro_in_update += 1
+        boundary = self._micro_in_update == self.accum
         self.backend.backward(loss, boundary)
         if not boundary:
             return False
-        self._good_micro = 0
+        self._micro_in_update = 0
         self._grad_norm = self.backend.step()
         return True
+
+    def _sync_update(self) -> None:
+        """The update's one host sync: did any rank get a preemption signal, and was the update skipped for
+        a non-finite gradient norm (the same on every rank: the norm is global)?"""
+        norm = self._grad_norm if self._grad_norm is not None else torch.zeros(())
+        skipped = nonfinite(norm)
+        flags = torch.stack([torch.tensor(float(self.preempt.value), device=self.device), skipped.to(self.device)])
+        preempt, skipped = self.backend.all_reduce(flags, op=torch.distributed.ReduceOp.MAX).tolist()
+        self._preempt_code = int(preempt)
+        if not skipped:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        self._log0(f"non-finite gradient norm at update {self.step}: update skipped on all ranks "
+                   f"({self.nonfinite_run} in a row, {self.nonfinite_total} in all)")
+        if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
+            raise NonFiniteLossError(f"{self.nonfinite_run} non-finite updates in a row (optim.max_nonfinite="
+                                     f"{self.cfg.optim.max_nonfinite}) at update {self.step}: lower the lr, check "
+                                     "the data, or use bf16 instead of fp16")
 
     # ---------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -365,11 +400,10 @@ class Trainer:
 
     def _log_step(self, epoch: int) -> dict:
         """The loss averaged over every micro-batch on every rank since the last record."""
-        sums = torch.stack([self._loss_sum.float(), torch.tensor(float(self._loss_n), device=self.device)])
-        sums = self.backend.all_reduce(sums)
+        sums = self.backend.all_reduce(torch.stack([self._loss_sum.float(), self._loss_n.float()]))
         mean_loss = (sums[0] / sums[1].clamp(min=1)).item()
         self._loss_sum.zero_()
-        self._loss_n = 0
+        self._loss_n.zero_()
         img_s_rank = self._imgs / max(time.time() - self._t_last, 1e-9)
         self._t_last, self._imgs = time.time(), 0
         lr = max(g["lr"] for g in self.optimizer.param_groups)

@@ -3,6 +3,7 @@ cosine schedule, the loss, and an fp32 weight EMA."""
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -24,10 +25,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig, layer_decay: float, device: torch.device):
+    """torch's fused AdamW (CUDA and CPU): a handful of kernels per update whatever the number of parameter
+    tensors, and it can skip an update on the device (`found_inf`, see SkipNonFinite)."""
     o = cfg.optim
-    fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(param_groups(model, o.weight_decay, layer_decay), lr=cfg.lr, betas=tuple(o.betas),
-                             eps=o.eps, **fused)
+                             eps=o.eps, fused=True)
+
+
+def nonfinite(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 where a global gradient norm is inf/NaN (or DeepSpeed's -1 sentinel for one), else 0.0; stays on
+    the norm's device."""
+    return (~torch.isfinite(norm) | (norm < 0)).float()
+
+
+class SkipNonFinite:
+    """Make a fused torch optimizer skip, on the device, an update whose global gradient norm is non-finite.
+
+    Fused AdamW reads `optimizer.found_inf` (the protocol GradScaler uses): when it is 1 the kernel leaves
+    weights, moments and step counts as they were. No host sync, no per-tensor check. `norm()` returns the
+    norm the backend computed for clipping, on every rank the same (it is all-reduced)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, norm: Callable[[], torch.Tensor]):
+        if not optimizer.defaults.get("fused"):
+            raise ValueError("SkipNonFinite needs a fused optimizer (torch.optim.AdamW(..., fused=True))")
+        self.norm = norm
+        optimizer.register_step_pre_hook(self._pre)
+        optimizer.register_step_post_hook(self._post)
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:  # a checkpoint from an unfused optimizer restores fused=None
+            group["fused"], group["foreach"] = True, None
+        if getattr(optimizer, "found_inf", None) is None:  # GradScaler (fp16) sets its own
+            device = optimizer.param_groups[0]["params"][0].device
+            optimizer.found_inf = nonfinite(torch.as_tensor(self.norm(), dtype=torch.float32)).to(device)
+            optimizer._skip_nonfinite_set = True
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        if optimizer.__dict__.pop("_skip_nonfinite_set", False):
+            del optimizer.found_inf
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_per_epoch: int) -> CosineLRScheduler:
