@@ -38,7 +38,8 @@ def bench_config(a) -> TrainConfig:
     cfg = from_dict(TrainConfig, {
         "run_dir": a.run_dir, "backend": a.backend,
         "model": {"variant": a.variant, "img_size": a.img, "window_size": a.window or max(2, a.img // 32),
-                  "num_classes": a.classes, "drop_path_rate": 0.1, "compile": a.compile},
+                  "num_classes": a.classes, "drop_path_rate": 0.1, "compile": a.compile,
+                  "attn_impl": a.attn_impl},
         "data": {"train": a.shards, "workers": a.workers, "shuffle_buffer": 64},
         "aug": {"auto_augment": None if a.no_randaug else "rand-m9-mstd0.5-inc1", "mixup": 0.8, "cutmix": 1.0,
                 "re_prob": 0.25},
@@ -147,7 +148,7 @@ def speed(a) -> None:
         peak_tf = peak_tflops(dev)
         row = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "world": trainer.world,
                "backend": a.backend, "zero_stage": a.stage, "variant": a.variant, "img": a.img,
-               "micro_batch": a.micro, "precision": a.precision, "compile": trainer.compiled,
+               "micro_batch": a.micro, "precision": a.precision, "compile": trainer.compiled, "attn_impl": a.attn_impl,
                "workers": a.workers, "ds": json.loads(a.ds)}
         for name in loops:
             s = statistics.median(times[name])
@@ -240,6 +241,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
                    help="model.compile for the engine, and torch.compile for the plain loops: auto|true|false")
+    p.add_argument("--attn-impl", default="auto", choices=["auto", "sdpa", "flex", "math"])
     p.add_argument("--timm", action="store_true", help="speed: also timm's Swin in the plain loop")
     p.add_argument("--workers", type=int, default=1, help="speed: loader workers per rank")
     p.add_argument("--no-randaug", action="store_true", help="speed: no RandAugment in the loader")

@@ -101,6 +101,7 @@ class Trainer:
         self._loss_sum = torch.zeros((), device=self.device)
         self._loss_n = torch.zeros((), device=self.device)
         self._preempt_code = 0
+        self.preempt = slurm.PreemptionFlag()  # installed by fit()
         self._grad_norm: Optional[torch.Tensor] = None
         self._last_save_s = 0.0
         self._saved_step = -1
@@ -206,7 +207,6 @@ class Trainer:
             with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
                 json.dump(cfg.to_dict(), f, indent=1)
         self.metrics.start(self.step if self.resume else None)
-        self.preempt = slurm.PreemptionFlag()
         self.preempt.install()
         result: dict = {}
         self._t_last, self._imgs = time.time(), 0
