@@ -8,6 +8,7 @@ import torch
 
 from pretrain.config import ConfigError, TrainConfig, load_config
 from pretrain.models import build_model
+from pretrain.training.metrics import OpCounter
 from pretrain.training.optim import build_scheduler, param_groups
 
 from conftest import REPO
@@ -111,18 +112,6 @@ def test_the_library_imports_no_app():
     assert offenders == []
 
 
-class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts every aten op that reaches the dispatcher (a foreach/fused op over N tensors counts once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def update_ops(depths: tuple, nan: bool = False) -> tuple[int, dict, torch.nn.Module]:
     """Aten ops of one steady-state optimizer update (norm, non-finite check, clip, fused AdamW) of the
     accelerate backend: the second one (the first also creates the optimizer state, per tensor)."""
@@ -144,7 +133,7 @@ def update_ops(depths: tuple, nan: bool = False) -> tuple[int, dict, torch.nn.Mo
     before = {k: v.clone() for k, v in backend.module.state_dict().items()}
     with OpCounter() as counter:
         backend.step()
-    return sum(counter.ops.values()), counter.ops, before, backend.module
+    return counter.total, counter.ops, before, backend.module
 
 
 def test_one_update_costs_the_same_ops_whatever_the_number_of_parameter_tensors():

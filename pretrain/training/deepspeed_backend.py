@@ -59,9 +59,14 @@ class DeepSpeedBackend(Backend):
         import deepspeed
         self.accum = accum
         if optimizer is not None:  # DeepSpeed steps it on its flat fp32 partitions, after computing the norm
-            SkipNonFinite(optimizer, lambda: self.engine.optimizer._global_grad_norm)
+            SkipNonFinite(optimizer, self._engine_norm)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     config=deepspeed_config(self.cfg, self.world))
+
+    def _engine_norm(self):
+        """The global gradient norm DeepSpeed's optimizer wrapper computed for this update (None while the
+        engine is being built: its wrappers step once to create the optimizer state)."""
+        return getattr(getattr(self.engine, "optimizer", None), "_global_grad_norm", None)
 
     @property
     def module(self) -> torch.nn.Module:

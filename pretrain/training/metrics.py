@@ -9,6 +9,7 @@ import os
 from typing import Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..io import write_bytes_atomic
 
@@ -37,6 +38,23 @@ def forward_flops(model: torch.nn.Module, img_size: int) -> float:
     with counter, torch.no_grad():
         model(torch.zeros(1, 3, img_size, img_size))
     return float(counter.get_total_flops())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that reach the dispatcher inside `with OpCounter() as c:` (c.ops: name -> count;
+    a foreach or fused op over N tensors counts once): what an optimizer update launches, per kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
 
 
 def peak_tflops(device: torch.device) -> Optional[float]:

@@ -43,7 +43,8 @@ class SkipNonFinite:
 
     Fused AdamW reads `optimizer.found_inf` (the protocol GradScaler uses): when it is 1 the kernel leaves
     weights, moments and step counts as they were. No host sync, no per-tensor check. `norm()` returns the
-    norm the backend computed for clipping, on every rank the same (it is all-reduced)."""
+    norm the backend computed for clipping, on every rank the same (it is all-reduced), or None before
+    there is one."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, norm: Callable[[], torch.Tensor]):
         if not optimizer.defaults.get("fused"):
@@ -55,9 +56,11 @@ class SkipNonFinite:
     def _pre(self, optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:  # a checkpoint from an unfused optimizer restores fused=None
             group["fused"], group["foreach"] = True, None
-        if getattr(optimizer, "found_inf", None) is None:  # GradScaler (fp16) sets its own
-            device = optimizer.param_groups[0]["params"][0].device
-            optimizer.found_inf = nonfinite(torch.as_tensor(self.norm(), dtype=torch.float32)).to(device)
+        norm = self.norm()  # None: no norm yet (a wrapper's state-initializing step before training)
+        # ZeRO-3 may step a group with no parameters on this rank
+        device = next((p.device for g in optimizer.param_groups for p in g["params"]), None)
+        if norm is not None and device is not None and getattr(optimizer, "found_inf", None) is None:
+            optimizer.found_inf = nonfinite(torch.as_tensor(norm, dtype=torch.float32)).to(device)
             optimizer._skip_nonfinite_set = True
 
     def _post(self, optimizer, args, kwargs) -> None:
