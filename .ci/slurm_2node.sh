@@ -90,6 +90,8 @@ up() {
   # Munge (and the packages) come from the one-node script's install steps.
   command -v slurmctld >/dev/null && pgrep -x munged >/dev/null || {
     echo "munge/slurm missing: run .ci/slurm_up.sh first (it installs both and starts munged)" >&2; exit 1; }
+  command -v ip >/dev/null && command -v nsenter >/dev/null || {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; }
   netns_up
   write_conf
   alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
