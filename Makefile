@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) launch/demo.py
 
-# tests/test_slurm.py needs a Slurm cluster: .ci/slurm_up.sh starts one on localhost (as root);
+# tests/test_slurm.py needs Slurm: .ci/slurm_up.sh starts a one-node cluster on localhost and the two-node one
+# of .ci/slurm_2node.sh (network namespaces), as root;
 # tests/test_jpeg.py needs the libjpeg-turbo headers (.ci/system_deps.sh).
 test: install
 	bash .ci/system_deps.sh

@@ -9,6 +9,8 @@
 #   SLURM_CONF=/etc/slurm-2n/slurm.conf sbatch --nodes=2 ...
 #   bash .ci/slurm_2node.sh down    # stops both slurmd and the controller, removes namespaces and bridge
 set -euo pipefail
+# shellcheck source=slurm_common.sh
+source "$(dirname "$0")/slurm_common.sh"
 CONF_DIR=/etc/slurm-2n
 CONF=$CONF_DIR/slurm.conf
 STATE=/var/spool/slurm-2n
@@ -61,23 +63,13 @@ ClusterName=twonode
 SlurmctldHost=$(hostname -s)($NET.1)
 SlurmctldPort=6917
 SlurmdPort=6918
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
+$(slurm_common_conf)
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool-%n
 SlurmctldPidFile=$STATE/slurmctld.pid
 SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld-2n.log
 SlurmdLogFile=/var/log/slurm/slurmd-%n.log
-ReturnToService=2
-JobRequeue=1
-MpiDefault=none
-KillWait=30
 NodeName=n1 NodeAddr=$NET.11 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 NodeName=n2 NodeAddr=$NET.12 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=two Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES

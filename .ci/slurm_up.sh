@@ -2,6 +2,8 @@
 # A one-node Slurm cluster on localhost for the tests (root; Debian's packages), then the two-node one of
 # .ci/slurm_2node.sh beside it. Idempotent.
 set -euo pipefail
+# shellcheck source=slurm_common.sh
+source "$(dirname "$0")/slurm_common.sh"
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -16,23 +18,13 @@ pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged 2>/dev/nul
 cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=local
 SlurmctldHost=$HOST
-SlurmUser=root
-AuthType=auth/munge
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
+$(slurm_common_conf)
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
 SlurmdLogFile=/var/log/slurm/slurmd.log
-ReturnToService=2
-JobRequeue=1
-MpiDefault=none
-KillWait=30
 NodeName=$HOST CPUs=$(nproc) RealMemory=$(( $(free -m | awk '/Mem:/{print $2}') * 8 / 10 )) State=UNKNOWN
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF

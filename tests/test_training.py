@@ -75,10 +75,19 @@ def test_layer_decay_scales_each_group_once_through_the_schedule():
     ("model.drop_path_rate=1.5", "model.drop_path_rate"), ("aug.re_prob=2", "aug.re_prob"),
     ("optim.betas=[0.9,1.5]", "optim.betas"), ("backend=horovod", "backend"),
     ("data.start_method=thread", "data.start_method"), ("optim.warmup_epochs=200", "optim.warmup_epochs"),
+    ("model.compile=yes", "model.compile"), ("model.compile=1", "model.compile"),
+    ("model.attn_impl=xformers", "model.attn_impl"),
 ])
 def test_out_of_range_values_are_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(str(REPO / "configs/swin_tiny_cpu.json"), [override])
+
+
+def test_model_compile_takes_true_false_or_auto():
+    path = str(REPO / "configs/swin_tiny_cpu.json")
+    assert [load_config(path, [f"model.compile={v}"]).model.compile for v in ("true", "false", "auto")] == \
+        [True, False, "auto"]
+    assert load_config(path).model.compile == "auto"
 
 
 def test_finetune_configs_are_validated_and_backend_keys_checked():
