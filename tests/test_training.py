@@ -160,3 +160,12 @@ def test_a_non_finite_update_changes_nothing_on_the_device():
     _, ops, before, model = update_ops((2, 2, 2, 2), nan=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any("item" in k or "_local_scalar_dense" in k for k in ops), ops  # no host read to decide
+
+
+def test_flex_attention_in_a_compiled_model_on_cpu_is_refused_with_the_way_out():
+    from types import SimpleNamespace
+
+    from pretrain.training import Trainer
+    cfg = load_config(str(REPO / "configs/swin_tiny_cpu.json"), ["model.attn_impl=flex", "model.compile=true"])
+    with pytest.raises(ConfigError, match="model.attn_impl=math"):
+        Trainer._compile(SimpleNamespace(cfg=cfg, device=torch.device("cpu")))

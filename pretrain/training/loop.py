@@ -148,6 +148,10 @@ class Trainer:
         m = self.cfg.model
         if not (self.device.type == "cuda" if m.compile == "auto" else m.compile):
             return False
+        if m.attn_impl == "flex" and self.device.type == "cpu":
+            raise ConfigError("model.attn_impl=flex with model.compile on CPU: torch's CPU FlexAttention kernel "
+                              "cannot read a position bias computed inside the compiled graph; on CPU use "
+                              "model.attn_impl=math (or model.compile=false)")
         cache = m.compile_cache or os.path.join(self.cfg.run_dir, "compile_cache")
         warm = os.path.isdir(cache) and any(os.scandir(cache))
         os.makedirs(cache, exist_ok=True)
