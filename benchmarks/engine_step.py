@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from pretrain.config import TrainConfig, from_dict, validate
 from pretrain.models import model_from_section
+from pretrain.models.layers import ATTN_IMPLS
 from pretrain.seeding import mix_seed
 from pretrain.training import Trainer
 from pretrain.training.metrics import forward_flops, peak_tflops
@@ -241,7 +242,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--compile", default="auto", type=lambda v: {"true": True, "false": False}.get(v, v),
                    help="model.compile for the engine, and torch.compile for the plain loops: auto|true|false")
-    p.add_argument("--attn-impl", default="auto", choices=["auto", "sdpa", "flex", "math"])
+    p.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS)
     p.add_argument("--timm", action="store_true", help="speed: also timm's Swin in the plain loop")
     p.add_argument("--workers", type=int, default=1, help="speed: loader workers per rank")
     p.add_argument("--no-randaug", action="store_true", help="speed: no RandAugment in the loader")

@@ -19,6 +19,7 @@ import timm
 import torch
 
 from pretrain.models import build_model
+from pretrain.models.layers import ATTN_IMPLS
 
 TIMM_NAMES = {"swin_tiny": "swin_tiny_patch4_window7_224", "swin_small": "swin_small_patch4_window7_224",
               "swin_base": "swin_base_patch4_window7_224", "swin_large": "swin_large_patch4_window7_224",
@@ -108,7 +109,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no")
-    p.add_argument("--attn-impl", nargs="+", default=["auto"], choices=["auto", "sdpa", "flex", "math"])
+    p.add_argument("--attn-impl", nargs="+", default=["auto"], choices=ATTN_IMPLS)
     p.add_argument("--json", help="append results as JSON lines here")
     a = p.parse_args()
     if a.device == "cuda":

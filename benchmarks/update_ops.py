@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ from pretrain.training.optim import build_optimizer
 
 
 def count(a, depths: tuple, backend=None) -> tuple[int, dict, int]:
-    world = int(__import__("os").environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     cfg = load_config(None, [f"backend={a.backend}", f"optim.precision={a.precision}", "model.variant=swin_tiny",
                              "model.img_size=32", "model.window_size=4", "model.num_classes=4",
                              f"model.depths={list(depths)}", "model.num_heads=[1,1,2,2]", "model.embed_dim=8",
@@ -36,7 +37,7 @@ def count(a, depths: tuple, backend=None) -> tuple[int, dict, int]:
                         num_heads=(1, 1, 2, 2))
     backend = backend or build_backend(cfg)
     backend.cfg = cfg
-    backend.prepare(model, build_optimizer(model, cfg, 1.0, backend.device), accum=1)
+    backend.prepare(model, build_optimizer(model, cfg, 1.0), accum=1)
     x = torch.randn(2, 3, 32, 32, device=backend.device)
     for i in range(2):
         backend.backward(backend.forward(x).sum(), boundary=True)

@@ -43,6 +43,7 @@ class AugConfig:
     std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
 
 
+ATTN_IMPLS = ("auto", "sdpa", "flex", "math")  # = pretrain.models.layers.ATTN_IMPLS (tested)
 VARIANTS = ("swin_tiny", "swin_small", "swin_base", "swin_large",  # = pretrain.models.VARIANTS (tested)
             "swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large")
 
@@ -292,7 +293,7 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(m.window_size, "model.window_size", 1),
         in_range(m.num_classes, "model.num_classes", 0),
         in_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, hi_open=True),
-        one_of(m.attn_impl, "model.attn_impl", ("auto", "sdpa", "flex", "math")),
+        one_of(m.attn_impl, "model.attn_impl", ATTN_IMPLS),
         one_of(m.compile, "model.compile", (True, False, "auto")),
         one_of(m.variant, "model.variant", VARIANTS),
         (m.pretrained_window_sizes is None or (m.variant.startswith("swinv2") and all(w >= 0 for w in

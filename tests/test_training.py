@@ -105,6 +105,14 @@ def test_finetune_configs_are_validated_and_backend_keys_checked():
     assert TrainConfig().backend == "deepspeed"
 
 
+def test_the_config_lists_the_models_variants_and_attention_kernels():
+    # pretrain.config can't import the models (no torch there): its copies must stay equal
+    import pretrain.config as config
+    from pretrain.models import VARIANTS
+    from pretrain.models.layers import ATTN_IMPLS
+    assert config.VARIANTS == tuple(VARIANTS) and config.ATTN_IMPLS == ATTN_IMPLS
+
+
 def test_reading_a_config_loads_neither_timm_nor_torchvision():
     code = ("import sys; from pretrain.config import load_config; load_config('configs/swin_l_22k.json'); "
             "import finetune.config; bad = [m for m in ('timm', 'torchvision', 'torch') if m in sys.modules]; "
@@ -134,7 +142,7 @@ def update_ops(depths: tuple, nan: bool = False) -> tuple[int, dict, torch.nn.Mo
     model = build_model("swin_tiny", img_size=32, window_size=4, num_classes=4, embed_dim=8, depths=depths,
                         num_heads=(1, 1, 2, 2))
     backend = AccelerateBackend(cfg)
-    backend.prepare(model, build_optimizer(model, cfg, 1.0, backend.device), accum=1)
+    backend.prepare(model, build_optimizer(model, cfg, 1.0), accum=1)
     backend.backward(backend.forward(torch.randn(2, 3, 32, 32)).sum(), boundary=True)
     backend.step()
     loss = backend.forward(torch.randn(2, 3, 32, 32)).sum()

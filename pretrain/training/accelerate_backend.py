@@ -39,7 +39,7 @@ class AccelerateBackend(Backend):
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device
         self.model = self.optimizer = None
-        self._norm = torch.zeros(())
+        self._norm: Optional[torch.Tensor] = None  # this update's global gradient norm, set by step()
 
     def prepare(self, model, optimizer, accum: int) -> None:
         self.accum = accum

@@ -83,7 +83,7 @@ class DeepSpeedBackend(Backend):
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         # The engine counts micro-batches itself (it divides the loss by the accumulation steps and reduces
-        # on its boundary); skipped micro-batches reach neither, so both counts stay equal.
+        # on its boundary); the loop counts them too, and the two must agree.
         if self.engine.is_gradient_accumulation_boundary() != boundary:
             raise RuntimeError(f"DeepSpeed's accumulation boundary disagrees with the loop's ({boundary})")
         self.engine.backward(loss)

@@ -92,7 +92,7 @@ class Trainer:
             self.stage.init_weights(model)
         self.flops_per_image = forward_flops(model, cfg.model.img_size) if self.rank == 0 and training else 0.0
         self.ema = WeightEma(model, self.stage.ema_decay, self.device) if self.stage.ema_decay else None
-        self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay, self.device) if training else None
+        self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay) if training else None
         self.backend.prepare(model, self.optimizer, self.accum)
         self.compiled = self._compile()
         self.step = 0

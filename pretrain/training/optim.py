@@ -24,7 +24,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, layer_decay: float, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, layer_decay: float):
     """torch's fused AdamW (CUDA and CPU): a handful of kernels per update whatever the number of parameter
     tensors, and it can skip an update on the device (`found_inf`, see SkipNonFinite)."""
     o = cfg.optim
