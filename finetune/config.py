@@ -41,9 +41,9 @@ def missing_inputs(cfg: FinetuneConfig, eval_only: bool, resuming: bool) -> list
     if not cfg.finetune.pretrained and not resuming:
         out.append("--pretrained PATH_OR_URL (our run dir or export, an official .pth, timm weights)")
     if not eval_only and not (cfg.data.train and cfg.data.val):
-        out.append("--data DIR_OR_URL (shards with _info.json: 'train' and 'validation' splits)")
+        out.append("--data DIR_OR_URL (shards with _info.json or info.json: 'train' and 'validation' splits)")
     elif eval_only and not cfg.data.val:
-        out.append("--data DIR_OR_URL (shards with _info.json; its 'validation' split is evaluated)")
+        out.append("--data DIR_OR_URL (shards with _info.json or info.json; its 'validation' split is evaluated)")
     return out
 
 
@@ -58,8 +58,7 @@ def with_flags(cfg: FinetuneConfig, res: Optional[int], window: Optional[int], p
     if pretrained:
         cfg.finetune.pretrained = pretrained
     if data:
-        info = data if data.endswith(".json") else data.rstrip("/") + "/_info.json"
-        cfg.data.train = cfg.data.val = info
+        cfg.data.train = cfg.data.val = data  # a manifest, or the folder holding _info.json / info.json
     if num_classes is not None:
         cfg.model.num_classes = num_classes
     if epochs:

@@ -23,7 +23,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--res", type=int, help="input resolution (default: the config's)")
     p.add_argument("--window", type=int, help="attention window (default: res/32, so 12 at 384)")
     p.add_argument("--pretrained", help="our run dir or export, an official .pth, timm weights; path or URL")
-    p.add_argument("--data", help="shard folder or _info.json with 'train' and 'validation' splits")
+    p.add_argument("--data", help="shard folder (its _info.json or info.json) or manifest, with 'train' and "
+                                  "'validation' splits")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (all processes)")

@@ -70,10 +70,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    train: str = ""  # the training shards' _info.json (local path or fsspec URL)
-    val: str = ""  # validation shards' _info.json; empty: no evaluation
-    train_split: str = "train"  # split name in _info.json
-    val_split: str = "validation"  # split name in _info.json
+    train: str = ""  # training shards: their _info.json/info.json, its folder, or 'PATTERN|COUNT' (fsspec URLs)
+    val: str = ""  # the validation shards, as data.train; empty: no evaluation
+    train_split: str = "train"  # split name in the manifest (train_12k: its alt_label), or 'PATTERN|COUNT'
+    val_split: str = "validation"  # split name in the manifest, or 'PATTERN|COUNT'
     workers: int = 8  # DataLoader worker processes per rank
     shuffle_buffer: int = 2000  # samples per worker shuffle buffer
     allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run a shell command)

@@ -270,10 +270,18 @@ def _offset_of_member(path, name):
 
 def test_missing_shard_retried_then_named(tmp_path):
     info = make_shards(tmp_path)
+    loaders = [build_loader(loader_cfg(info, workers=0, batch_size=2), r, 2) for r in range(2)]
+    (tmp_path / "s-3.tar").unlink()  # gone after startup: retried, then named
+    with pytest.raises(DataError, match=r"s-3\.tar: unreadable"):
+        for ld in loaders:
+            list(ld)
+
+
+def test_missing_local_shards_are_refused_at_startup(tmp_path):
+    info = make_shards(tmp_path)
     (tmp_path / "s-3.tar").unlink()
-    with pytest.raises(DataError, match=r"s-3\.tar"):
-        for r in range(2):
-            list(build_loader(loader_cfg(info, workers=0, batch_size=2), r, 2))
+    with pytest.raises(DataError, match=r"split 'train' lists 1 local shard\(s\) that do not exist: .*s-3\.tar"):
+        build_loader(loader_cfg(info, workers=0, batch_size=2), 0, 2)
 
 
 def test_pipe_urls_need_the_config_flag(tmp_path):
@@ -341,3 +349,83 @@ def test_writer_pool_and_loader_workers_under_each_start_method(shards, image_fo
             loader.close()
     got = keys(out, method)
     assert got == keys(shards, "fork") and len(got) == 60  # 6 classes x 10 training images
+
+
+# ------------------------------------------------------------------- the public timm/imagenet-22k-wds layout
+
+def write_timm_22k_layout(root: Path, per_shard: int = 10) -> dict:
+    """Shards as the public `timm/imagenet-22k-wds` set is laid out, written with webdataset's own ShardWriter:
+    `imagenet22k-{train,validation}-NNNN.tar`, samples `jpg` (one `png`, one `webp`, which timm's reader also
+    takes) + `cls` + `json` {label, label_12k (-1 outside the 12k classes), class_name, width, height}, and the
+    manifest its builder writes (rwightman/imagenet-12k wds/build_wds.py, process_dataset): `info.json` only,
+    splits train/validation with alt_label null and train_12k/validation_12k with alt_label "label_12k" over
+    the same files, their shard_lengths counting only the samples whose label_12k >= 0.
+    Returns {split: [(key, label)]} as timm's reader labels them."""
+    twelve = {0: 0, 2: 1, 3: 2, 5: 3}  # 22k class -> 12k class; classes 1 and 4 are outside the 12k subset
+    info = {"name": "imagenet22k", "splits": {}}
+    expected: dict = {}
+    for split, n_shards in (("train", 4), ("validation", 2)):
+        records = []
+        with wds.ShardWriter(str(root / f"imagenet22k-{split}-%04d.tar"), maxcount=per_shard, verbose=0) as w:
+            for i in range(n_shards * per_shard):
+                label = i % 6
+                key = f"n{label:08d}_{split}{i}"
+                fmt = {3: "png", 7: "webp"}.get(i, "jpg")
+                img = io.BytesIO()
+                Image.new("RGB", (40, 32), (label * 40, 90, 9)).save(img, {"jpg": "JPEG"}.get(fmt, fmt.upper()))
+                meta = {"label": label, "label_12k": twelve.get(label, -1), "class_name": f"n{label:08d}",
+                        "width": 40, "height": 32}
+                w.write({"__key__": key, fmt: img.getvalue(), "cls": label, "json": meta})
+                records.append((i // per_shard, key, meta))
+        names = [f"imagenet22k-{split}-{s:04d}.tar" for s in range(n_shards)]
+        for alt in (None, "label_12k"):
+            lengths = [sum(1 for s, _, m in records if s == shard and (alt is None or m[alt] >= 0))
+                       for shard in range(n_shards)]
+            name = split if alt is None else f"{split}_12k"
+            info["splits"][name] = {"name": name, "filenames": names, "shard_lengths": lengths, "alt_label": alt,
+                                    "num_samples": sum(lengths)}
+            expected[name] = sorted((k, m[alt or "label"]) for _, k, m in records if alt is None or m[alt] >= 0)
+    (root / "info.json").write_text(json.dumps(info, indent=4))
+    return expected
+
+
+def test_public_22k_layout_every_split_as_timm_reads_it(tmp_path):
+    expected = write_timm_22k_layout(tmp_path)
+    assert {s: len(v) for s, v in expected.items()} == {"train": 40, "train_12k": 27, "validation": 20,
+                                                        "validation_12k": 13}
+    for split, want in expected.items():
+        # The dataset root, no manifest name: the loader finds info.json as timm does (no _info.json here).
+        loader = build_loader(loader_cfg(str(tmp_path), split=split, batch_size=3), 0, 1, training=False)
+        got = sorted((k, int(y)) for x, ys, valid, keys in loader for k, y, v in zip(keys, ys, valid) if v)
+        assert got == want and loader.num_samples == len(want), split
+        ds = timm.data.create_dataset("wds/imagenet22k", root=str(tmp_path), split=split, is_training=False)
+        assert Counter(int(t) for _, t in ds) == Counter(y for _, y in want), split  # timm's own reader agrees
+    assert verify_shards(str(tmp_path)) == {"checked_samples": 100, "bad_shards": []}
+
+
+def test_12k_split_trains_with_12k_labels_equal_batches_and_no_excluded_sample(tmp_path):
+    want = dict(write_timm_22k_layout(tmp_path)["train_12k"])
+    cfg = loader_cfg(str(tmp_path), split="train_12k", batch_size=2, workers=2)
+    loaders = [build_loader(cfg, r, 2) for r in range(2)]
+    # 12k samples per shard 7, 6, 7, 7: ranks get 14 and 13, so 6 batches of 2 each (24 of the 27 samples).
+    assert len(loaders[0]) == len(loaders[1]) == 6
+    seen = [(k, int(y)) for ld in loaders for x, ys, keys in ld for k, y in zip(keys, ys)]
+    assert len(seen) == len(dict(seen)) == 24  # nothing read twice
+    assert all(want[k] == y for k, y in seen)  # the label_12k labels; nothing outside the 12k classes
+    # A split given as a brace pattern with its count (timm's form), beside the root: counts spread evenly.
+    brace = build_loader(loader_cfg(str(tmp_path), split="imagenet22k-train-{0000..0003}.tar|40", batch_size=5), 0, 2)
+    assert len(brace) == 4 and sum(len(b[-1]) for b in brace) == 20
+
+
+def test_alt_label_missing_from_a_samples_json_names_the_shard_and_key(tmp_path):
+    write_timm_22k_layout(tmp_path)
+    with wds.TarWriter(str(tmp_path / "imagenet22k-validation-0001.tar")) as w:
+        for i in range(10):
+            meta = {"label": 0} if i == 4 else {"label": 0, "label_12k": 0}
+            w.write({"__key__": f"v{i}", "jpg": jpeg(), "cls": 0, "json": meta})
+    with pytest.raises(DataError, match=r"imagenet22k-validation-0001\.tar: sample v4 has no 'label_12k'"):
+        list(build_loader(loader_cfg(str(tmp_path), split="validation_12k", workers=0), 0, 1, training=False))
+    with pytest.raises(DataError, match=r"no split 'train_21k'; it has \['train', 'train_12k'"):
+        build_loader(loader_cfg(str(tmp_path), split="train_21k"), 0, 1)
+    with pytest.raises(DataError, match=r"no _info.json or info.json there"):
+        build_loader(loader_cfg(str(tmp_path / "nowhere")), 0, 1)

@@ -224,6 +224,10 @@ def test_compiled_model_trains_to_the_eager_losses(shards, tmp_path):
     recs = [json.loads(x) for x in Path(comp["run_dir"], "metrics.jsonl").read_text().splitlines()]
     first = next(x for x in recs if "time_to_first_step_s" in x)
     assert first["step"] == 1 and first["compiled"] is True and first["time_to_first_step_s"] > 0
+    # The share of the split an epoch trains on: whole micro-batches of 8 on 2 ranks, whole updates of 16.
+    n = json.loads(Path(shards).read_text())["splits"]["train"]["num_samples"]
+    assert first["epoch_share"] == pytest.approx(n // 16 * 16 / n, abs=1e-9)
+    assert f"{first['epoch_share']:.2%} of the {n:,} samples of {shards} split 'train'" in r.stdout
     want, got = losses(eager["run_dir"]), losses(comp["run_dir"])
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:  # bf16 with fused kernels: rounding only (seen: <= 1e-4 relative)

@@ -1,1 +1,2 @@
-"""Data: WebDataset shard writer/verifier (`shards`) and the streaming loader (`loader`)."""
+"""Data: WebDataset shard writer/verifier (`shards`), split manifests (`manifest`), the per-epoch plan
+(`plan`) and the streaming loader (`loader`)."""

@@ -1,13 +1,13 @@
 """Streaming loader for WebDataset shards: deterministic, equal batch counts on every rank, resumable.
 
-Order is a pure function of (seed, epoch, rank, world, workers):
-1. Shards are shuffled by (seed, epoch), then dealt to ranks and to each rank's worker slots ("roles"),
-   balancing the manifest's sample counts (largest shard first to the emptiest slot).
-2. Every rank yields the same number of batches Q, computed from the manifest alone. Role r yields
-   Q // W (+1 for the first Q % W roles) batches, which the DataLoader's in-order round robin turns into
-   batches 0..Q-1; Q is the largest count that every role can fill without reading a sample twice.
-3. Each role streams its shards through a seeded shuffle buffer; each sample's augmentation is seeded by
-   (seed, epoch, sample key). Short or corrupt shards leave a role short: it then cycles its shards again,
+Order is a pure function of (seed, epoch, rank, world, workers, batch size):
+1. The plan (pretrain.data.plan): shards shuffled by (seed, epoch), dealt to ranks by sample count, then to
+   each rank's worker slots ("roles"), a short role taking a shard's head from a role with samples to spare.
+2. Every rank yields the same number of batches Q, computed from the manifest alone: the most that every
+   rank can fill without reading a sample twice. Role r yields Q // W (+1 for the first Q % W roles)
+   batches, which the DataLoader's in-order round robin turns into batches 0..Q-1.
+3. Each role streams its pieces through a seeded shuffle buffer; each sample's augmentation is seeded by
+   (seed, epoch, sample key). Short or corrupt shards leave a role short: it then cycles its pieces again,
    so the batch count never changes and no rank waits for another (no DDP hang).
 4. Resume: the state is (epoch, batches done). On restart each role skips its finished batches at the raw
    sample level (no decoding), and worker i takes role (i + done) % W so the round robin continues where
@@ -19,7 +19,6 @@ to the same batch count, so metrics count exactly `num_samples` images.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -31,25 +30,22 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
+from .manifest import DataError, resolve_split_once
+from .plan import EpochPlan, Piece, train_plan
 from .transforms import AugConfig, decode, eval_decode_min_side, eval_transform, seeded, train_transform
 
 log = logging.getLogger(__name__)
-
-
-class DataError(RuntimeError):
-    """Data that can't be used as configured: named shards, counts, or a refused resume."""
+IMAGE_KEYS = ("jpg", "png", "webp")  # the image member, first found (timm's reader: 'jpg;png;webp')
 
 
 @dataclass
 class LoaderConfig:
-    source: str  # brace pattern ("s3://b/train-{000000..000099}.tar"), comma list, or an _info.json URL
+    source: str  # _info.json/info.json URL, its folder, or shards "s3://b/t-{0000..0099}.tar|COUNT" (manifest)
     split: str = "train"
     batch_size: int = 64
     workers: int = 4
@@ -67,80 +63,6 @@ class LoaderConfig:
 
 
 # --------------------------------------------------------------------------------------------- shards
-
-def resolve_shards(source: str, split: str) -> list[tuple[str, Optional[int]]]:
-    """[(url, expected samples or None)] from an _info.json (local or remote), a brace pattern or a list."""
-    if source.endswith(".json"):
-        info = read_manifest(source)
-        if split not in info["splits"]:
-            raise DataError(f"{source}: no split {split!r}; it has {sorted(info['splits'])}")
-        s = info["splits"][split]
-        base = source.rsplit("/", 1)[0] + "/" if "/" in source else ""
-        shards = [(f if "://" in f or f.startswith(("/", "pipe:")) else base + f, n)
-                  for f, n in zip(s["filenames"], s["shard_lengths"])]
-        check_manifest(source, split, s, shards)
-        return shards
-    urls = [u for part in source.split(",") for u in braceexpand(part.strip()) if u]
-    if not urls:
-        raise DataError(f"no shards in {source!r}")
-    return [(u, None) for u in urls]
-
-
-def read_manifest(source: str) -> dict:
-    """An _info.json (timm's format), its structure checked; DataError naming the file otherwise."""
-    try:
-        with fsspec.open(source, "r") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{source}: no such manifest; point data.train/data.val at the shards' _info.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{source}: not valid JSON ({e}); rerun the shard writer to rewrite it") from None
-    splits = info.get("splits") if isinstance(info, dict) else None
-    if not isinstance(splits, dict) or not all(
-            isinstance(v, dict) and isinstance(v.get("filenames"), list) and isinstance(v.get("shard_lengths"), list)
-            and len(v["filenames"]) == len(v["shard_lengths"])
-            and all(isinstance(n, int) and n >= 0 for n in v["shard_lengths"]) for v in splits.values()):
-        raise DataError(f"{source}: not a shard manifest (expected splits.<name>.filenames and shard_lengths of "
-                        "equal length, counts >= 0); rerun the shard writer to rewrite it")
-    return info
-
-
-MIN_SAMPLE_BYTES = 1024  # a sample is >= 2 tar members (jpg, cls) of >= 512 header + 512 data bytes
-
-
-def check_manifest(source: str, split: str, s: dict, shards: list[tuple[str, Optional[int]]]) -> None:
-    """The manifest's counts against what is cheap to read at startup: `_index.parquet` beside it (one row
-    per sample written) and, for local shards, the files' sizes. A disagreement is refused: a wrong count
-    would silently stretch the epoch and the lr schedule, or read samples twice."""
-    index_url = source.rsplit("/", 1)[0] + "/_index.parquet" if "/" in source else "_index.parquet"
-    fs, index_path = fsspec.core.url_to_fs(index_url)
-    if fs.exists(index_path):
-        import pyarrow.parquet as pq
-        with fs.open(index_path, "rb") as f:
-            names = pq.read_table(f, columns=["shard"]).column("shard").to_pylist()
-        counts: dict[str, int] = {}
-        for n in names:
-            counts[n] = counts.get(n, 0) + 1
-        wrong = [(f, n, counts.get(f.rsplit("/", 1)[-1], 0)) for f, n in zip(s["filenames"], s["shard_lengths"])
-                 if counts.get(f.rsplit("/", 1)[-1], 0) != n]
-        if wrong:
-            shown = ", ".join(f"{f}: {n} (index: {m})" for f, n, m in wrong[:5])
-            raise DataError(f"{source}: split {split!r} shard counts disagree with {index_url} for {len(wrong)} "
-                            f"shard(s): {shown}. Rerun the shard writer on the same output to rewrite the "
-                            "manifest, or fix _info.json")
-    total = s.get("num_samples")
-    if total is not None and total != sum(s["shard_lengths"]):
-        raise DataError(f"{source}: split {split!r} num_samples={total} but its shard_lengths add up to "
-                        f"{sum(s['shard_lengths'])}; rerun the shard writer to rewrite the manifest")
-    for url, n in shards:
-        sfs, path = fsspec.core.url_to_fs(url) if not url.startswith("pipe:") else (None, None)
-        if not isinstance(sfs, LocalFileSystem) or not sfs.exists(path):
-            continue  # remote shards are checked as they are read (counts per shard, retries)
-        size = sfs.size(path)
-        if n and size < n * MIN_SAMPLE_BYTES:
-            raise DataError(f"{url}: {size} bytes cannot hold the {n} samples {source} lists for it; the shard "
-                            "is truncated or the manifest is wrong (python -m pretrain.make_shards verify)")
-
 
 def open_shard(url: str, allow_pipe: bool):
     if url.startswith("pipe:"):
@@ -208,18 +130,6 @@ def iter_samples(fileobj) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield cur_key, cur
 
 
-def deal(shards: list[tuple[str, Optional[int]]], bins: int) -> list[list[tuple[str, Optional[int]]]]:
-    """Greedy balance by sample count (order-stable): largest shard to the emptiest bin."""
-    out: list[list] = [[] for _ in range(bins)]
-    load = [0] * bins
-    order = sorted(range(len(shards)), key=lambda i: -(shards[i][1] or 1))
-    for i in order:
-        b = min(range(bins), key=lambda j: (load[j], j))
-        out[b].append(shards[i])
-        load[b] += shards[i][1] or 1
-    return out
-
-
 # ----------------------------------------------------------------------------------------- dataset
 
 def mp_context(method: str) -> mp.context.BaseContext:
@@ -232,11 +142,12 @@ class ShardStream(IterableDataset):
 
     def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool):
         self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
-        self.shards = resolve_shards(cfg.source, cfg.split)
+        split = resolve_split_once(cfg.source, cfg.split, world)
+        self.shards, self.alt_label = split.shards, split.alt_label
         if (training or world > 1) and any(n is None for _, n in self.shards):
             raise DataError(f"{cfg.source}: {'training' if training else 'evaluation on several ranks'} needs "
                             "per-shard sample counts for equal batches on every rank: point data.source at "
-                            "the shards' _info.json")
+                            "the shards' _info.json, or give the total as 'PATTERN|COUNT'")
         self.roles = max(1, cfg.workers)
         if training and len(self.shards) < world * self.roles:
             raise DataError(f"{len(self.shards)} shards for {world} ranks x {self.roles} workers: need at least "
@@ -249,46 +160,42 @@ class ShardStream(IterableDataset):
         self.transform = train_transform(aug) if training else eval_transform(aug)
         self.min_side = eval_decode_min_side(aug)  # evaluation; training decodes per crop
         self.corrupt_shards: set[str] = set()  # per worker process, for the error message
+        self._plan: Optional[EpochPlan] = None  # the current epoch's, made once per process (workers: copies)
 
-    # ---- the plan: a pure function of (seed, epoch, world, roles)
-    def _roles(self, rank: int) -> list[list[tuple[str, Optional[int]]]]:
-        if not self.training:
-            mine = self.shards[rank::self.world]
-            return [mine[r::self.roles] for r in range(self.roles)]
-        shards = list(self.shards)
-        random.Random(mix_seed(self.cfg.seed, self.epoch, "shards")).shuffle(shards)
-        roles = deal(deal(shards, self.world)[rank], self.roles)
-        roles.sort(key=lambda s: -sum(n for _, n in s))  # the roles taking an extra batch have most data
-        return roles
+    # ---- the plan: a pure function of (seed, epoch, world, roles, batch size), pretrain.data.plan
+    def epoch_plan(self, epoch: Optional[int] = None) -> EpochPlan:
+        """The training plan of `epoch` (default: the current one), computed once per epoch in each process
+        that needs it (the loop's, and each worker's)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._plan is None or self._plan_epoch != epoch:
+            c = self.cfg
+            self._plan = train_plan(self.shards, c.seed, epoch, self.rank, self.world, self.roles, c.batch_size)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def _eval_roles(self, rank: int) -> list[list[Piece]]:
+        mine = self.shards[rank::self.world]
+        return [[(u, 0, None) for u, _ in mine[r::self.roles]] for r in range(self.roles)]
+
+    def _eval_batches(self, rank: int) -> list[int]:
+        """Batches per role of `rank` when every sample is read once (the last one partial)."""
+        B, mine = self.cfg.batch_size, self.shards[rank::self.world]
+        return [-(-sum(n or 0 for _, n in mine[r::self.roles]) // B) for r in range(self.roles)]
 
     def batches_per_epoch(self) -> int:
         """Q, the same on every rank, from the manifest alone."""
-        B, W = self.cfg.batch_size, self.roles
-        per_rank = []
-        for rank in range(self.world):
-            roles = self._roles(rank)
-            if not self.training:  # every sample once: partial last batch per role, padded up later
-                per_rank.append(sum(self._eval_batches(roles)))
-                continue
-            caps = [sum(n for _, n in s) // B for s in roles]  # descending
-            low = min(caps)
-            # Role r gives Q//W (+1 if r < Q%W): the largest Q no role's own samples fall short of.
-            per_rank.append(W * low + sum(c > low for c in caps))
-        return max(per_rank) if not self.training else min(per_rank)
+        if self.training:
+            return self.epoch_plan().batches
+        return max(sum(self._eval_batches(r)) for r in range(min(self.world, len(self.shards)) or 1))
 
-    def _eval_batches(self, roles) -> list[int]:
-        """Batches per role when every sample is read once (the last one partial)."""
-        B = self.cfg.batch_size
-        return [-(-sum(n or 0 for _, n in s) // B) for s in roles]
-
-    def plan(self) -> tuple[list[list[tuple[str, Optional[int]]]], list[int]]:
-        """(shards per role for this rank, batches per role)."""
-        roles = self._roles(self.rank)
-        if not self.training:
-            unknown = any(n is None for s in roles for _, n in s)  # one rank, no manifest: read it all
-            return roles, [2**62] * len(roles) if unknown else self._eval_batches(roles)
-        Q, W = self.batches_per_epoch(), self.roles
-        return roles, [Q // W + (r < Q % W) for r in range(W)]
+    def plan(self) -> tuple[list[list[Piece]], list[int]]:
+        """(pieces per role for this rank, batches per role)."""
+        if self.training:
+            p = self.epoch_plan()
+            return p.pieces, p.quotas
+        roles = self._eval_roles(self.rank)
+        unknown = any(n is None for _, n in self.shards)  # one rank, no manifest: read it all
+        return roles, [2**62] * len(roles) if unknown else self._eval_batches(self.rank)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self._epoch.value, self._start.value = epoch, start_batch
@@ -302,18 +209,26 @@ class ShardStream(IterableDataset):
         return self._start.value
 
     # ---- streaming
-    def _read_shard(self, url: str, expected: Optional[int]) -> Iterator[tuple[str, dict, str]]:
-        done, attempt = 0, 0
+    def _read_piece(self, url: str, start: int, stop: Optional[int], expected: Optional[int]
+                    ) -> Iterator[tuple[str, dict, str]]:
+        """Samples [start, stop) of a shard (stop None: to its end), counted after the split's label filter;
+        network errors retried from where they broke off."""
+        done, attempt = 0, 0  # samples of the piece yielded so far
         while True:
             try:
                 n = 0
                 with open_shard(url, self.cfg.allow_pipe) as f:
                     for key, sample in iter_samples(f):
+                        if self.alt_label and not self._relabel(key, sample, url):
+                            continue
                         n += 1
-                        if n > done:
-                            done = n
+                        if n > start + done:
+                            done += 1
                             yield key, sample, url
-                if expected is not None and n < expected:
+                            if stop is not None and start + done >= stop:
+                                return
+                want = expected if stop is None else stop
+                if want is not None and n < want:
                     log.warning("%s: %d samples, manifest says %d (truncated shard?)", url, n, expected)
                 return
             except DataError:
@@ -321,7 +236,7 @@ class ShardStream(IterableDataset):
             except (OSError, tarfile.TarError, EOFError) as e:
                 if isinstance(e, tarfile.ReadError) or attempt >= self.cfg.retries:
                     # A tar cut mid-member won't heal by retrying; network errors get `retries` tries.
-                    msg = f"{url}: unreadable after {done} samples ({type(e).__name__}: {e})"
+                    msg = f"{url}: unreadable after {start + done} samples ({type(e).__name__}: {e})"
                     if self.cfg.on_bad_shard == "fatal":
                         raise DataError(msg + "; set data.on_bad_shard='skip' to continue without it") from None
                     log.warning("%s; skipped", msg)
@@ -329,14 +244,31 @@ class ShardStream(IterableDataset):
                 attempt += 1
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
 
-    def _raw(self, shards, role: int) -> Iterator[tuple[str, dict, str]]:
-        """Shuffled raw samples of one role; cycles its shards if they run short (keeps batch counts)."""
+    def _relabel(self, key: str, sample: dict, url: str) -> bool:
+        """An alt_label split: the label is that field of the sample's json; False leaves the sample out (< 0),
+        as timm's reader does. Done before the shuffle buffer, so counts and resume skips see kept samples only."""
+        try:
+            value = json.loads(sample["json"])[self.alt_label]
+        except (KeyError, TypeError, ValueError) as e:
+            what = "no json member" if "json" not in sample else f"no {self.alt_label!r} in its json ({e!r})"
+            raise DataError(f"{url}: sample {key} has {what}, which split {self.cfg.split!r} labels by "
+                            f"(alt_label {self.alt_label!r}); use a split without alt_label or fix the shard") from None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise DataError(f"{url}: sample {key}: json {self.alt_label!r} is {value!r}, not an integer label")
+        if value < 0:
+            return False
+        sample["cls"] = str(value).encode()
+        return True
+
+    def _raw(self, pieces: list[Piece], role: int) -> Iterator[tuple[str, dict, str]]:
+        """Shuffled raw samples of one role; cycles its pieces if they run short (keeps batch counts)."""
         rng = random.Random(mix_seed(self.cfg.seed, self.epoch, self.rank, role, "buffer"))
+        expected = dict(self.shards)
         buf: list = []
         for cycle in range(1_000_000 if self.training else 1):
             got = 0
-            for url, n in shards:
-                for item in self._read_shard(url, n):
+            for url, start, stop in pieces:
+                for item in self._read_piece(url, start, stop, expected.get(url)):
                     got += 1
                     if not self.training:
                         yield item
@@ -354,14 +286,16 @@ class ShardStream(IterableDataset):
 
     def _decode(self, key: str, sample: dict, url: str):
         try:
-            data = sample["jpg"]
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                raise KeyError(f"no image member ({', '.join(IMAGE_KEYS)}); it has {sorted(sample)}")
             label = int(sample["cls"])
             if self.training:  # the transform decodes only what its random crop needs
                 return seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data), label
             return self.transform(decode(data, self.min_side)), label
         except DataError:
             raise
-        except Exception as e:  # corrupt JPEG, missing member, bad label
+        except Exception as e:  # corrupt image, missing member, bad label
             with self.corrupt.get_lock():
                 self.corrupt.value += 1
                 total = self.corrupt.value
@@ -374,15 +308,15 @@ class ShardStream(IterableDataset):
             return None
 
     def _batches(self, role: int) -> Iterator:
-        roles, quota = self.plan()
-        shards, q = roles[role], quota[role]
+        pieces, quota = self.plan()
+        pieces, q = pieces[role], quota[role]
         B, W = self.cfg.batch_size, self.roles
         done = self.start_batch // W + (role < self.start_batch % W)  # batches this role already gave
         if not self.training:
             done = 0  # evaluation always runs whole
         skip = done * B
         imgs, labels, keys, made = [], [], [], done
-        for key, sample, url in self._raw(shards, role):
+        for key, sample, url in self._raw(pieces, role):
             if made >= q:
                 return
             if skip:
@@ -449,6 +383,11 @@ class ShardLoader:
     @property
     def num_samples(self) -> int:
         return sum(n or 0 for _, n in self.dataset.shards)
+
+    def epoch_share(self) -> float:
+        """The share of the split's samples the current epoch trains on, all ranks together (< 1: every rank
+        yields the same whole number of batches)."""
+        return self.dataset.epoch_plan(self.epoch).share
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:

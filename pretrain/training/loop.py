@@ -134,6 +134,11 @@ class Trainer:
             raise ConfigError(f"one epoch gives {len(self.train_loader)} micro-batches per rank, fewer than the "
                               f"{self.accum} accumulation steps of one update: use a smaller optim.global_batch")
         self.total_updates = o.max_steps or o.epochs * self.updates_per_epoch
+        # Equal whole batches on every rank and whole updates: the share of the split an epoch trains on.
+        self.epoch_share = (self.train_loader.epoch_share() * self.updates_per_epoch * self.accum
+                            / len(self.train_loader))
+        self._log0(f"an epoch is {self.updates_per_epoch} updates: {self.epoch_share:.2%} of the "
+                   f"{self.train_loader.num_samples:,} samples of {cfg.data.train} split {cfg.data.train_split!r}")
         self.scheduler = build_scheduler(self.optimizer, cfg, self.updates_per_epoch)
         self.augment = BatchAugment(cfg.aug, cfg.model.num_classes, self.device, training=True)
         self.criterion = build_criterion(cfg.aug)
@@ -245,7 +250,8 @@ class Trainer:
         if self._t_start is not None:  # the first update of this process: how long a (re)start costs
             first = time.time() - self._t_start
             self._t_start = None
-            self.metrics.write({"step": self.step, "time_to_first_step_s": first, "compiled": self.compiled})
+            self.metrics.write({"step": self.step, "time_to_first_step_s": first, "compiled": self.compiled,
+                                "epoch_share": self.epoch_share})
             self._log0(f"first update after {first:.1f} s (process group, engine, data, "
                        f"{'compilation, ' if self.compiled else ''}forward/backward)")
         self.scheduler.step_update(self.step)
