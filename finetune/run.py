@@ -32,6 +32,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--output", help="run dir (checkpoints, metrics, export)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the weights at --res and stop")
+    p.add_argument("--allow-random-head", action="store_true",
+                   help="--eval-only: evaluate even when the weights have no head for --num-classes (chance)")
     p.add_argument("--resume", choices=["auto"], help="continue the run in --output from its newest checkpoint")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
         from finetune.stage import evaluate_only, finetune_stage
         from pretrain.training import Trainer
         if a.eval_only:
-            return evaluate_only(cfg, bool(a.resume))
+            return evaluate_only(cfg, bool(a.resume), a.allow_random_head)
         return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg)).fit()
     return run_cli(job)
 

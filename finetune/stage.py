@@ -8,7 +8,7 @@ import os
 import torch
 
 from pretrain.checkpoint import load_pretrained, pretrained_windows_of, stage_windows
-from pretrain.config import ModelSection, from_dict
+from pretrain.config import ConfigError, ModelSection, from_dict
 from pretrain.models import config_from_section, model_from_section
 from pretrain.release import export_layouts
 from pretrain.training import Stage, Trainer
@@ -52,12 +52,13 @@ def _print0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def load_weights(cfg: FinetuneConfig, model: torch.nn.Module) -> None:
+def load_weights(cfg: FinetuneConfig, model: torch.nn.Module):
     ft = cfg.finetune
     _print0(f"weights: {ft.pretrained}")
     report = load_pretrained(model, resolve_pretrained(ft.pretrained), reset_head=ft.reset_head,
                              allow_pickle=ft.allow_pickle)
     _print0(str(report))
+    return report
 
 
 def export_finetuned(trainer: Trainer, tag: str) -> None:
@@ -85,11 +86,19 @@ def finetune_stage(cfg: FinetuneConfig) -> Stage:
                  layer_decay=ft.layer_decay, ema_decay=ft.ema_decay, on_finish=export_finetuned)
 
 
-def evaluate_only(cfg: FinetuneConfig, resume: bool) -> dict:
-    """Evaluate the pretrained weights (or, with resume, the run's newest checkpoint) at cfg's resolution."""
+def evaluate_only(cfg: FinetuneConfig, resume: bool, allow_random_head: bool = False) -> dict:
+    """Evaluate the pretrained weights (or, with resume, the run's newest checkpoint) at cfg's resolution.
+    A head the weights could not fill (another class count, a headless checkpoint) gives chance accuracy:
+    refused unless `allow_random_head`."""
     def weights(model: torch.nn.Module) -> None:
         if not resume:
-            return load_weights(cfg, model)
+            report = load_weights(cfg, model)
+            heads = [r for r in report.reinitialized if r.startswith("head")]
+            if heads and not allow_random_head:
+                raise ConfigError(f"--eval-only: {cfg.finetune.pretrained} has no trained head for this model "
+                                  f"({'; '.join(heads)}): its accuracy would be chance. Give --num-classes the "
+                                  "checkpoint's class count, or pass --allow-random-head to evaluate anyway")
+            return
         tag = latest_or_fail(cfg.checkpoint_dir)
         model.load_state_dict(load_run_weights(cfg.checkpoint_dir, tag), strict=True)
         _print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .classes import NUM_22K, map22k_to_1k
 from .io import read_bytes, write_bytes_atomic
-from .models.layers import coords_reference
+from .models.layers import coords_reference, log_spaced_coords
 from .models.swin import VARIANTS, SwinConfig, SwinTransformer
 
 OURS_FORMAT = "swin-pretrain/1"
@@ -149,10 +149,26 @@ def family(sd: Mapping[str, torch.Tensor]) -> int:
 def v2_windows(sd: Mapping[str, torch.Tensor]) -> dict[int, tuple[int, int]]:
     """Per stage of a V2 checkpoint that stores its `relative_coords_table` buffers (the official layout):
     (window, the window its coordinates were normalised by). timm's and our files don't store them."""
-    out = {}
+    out: dict[int, tuple[int, int]] = {}
     for k, v in sd.items():
-        if k.endswith("attn.relative_coords_table") and v.ndim == 4:
-            out.setdefault(int(k.split(".")[1]), ((v.shape[1] + 1) // 2, coords_reference(v)))
+        if not k.endswith("attn.relative_coords_table"):
+            continue
+        M = (v.shape[1] + 1) // 2 if v.ndim == 4 else 0
+        if v.ndim != 4 or tuple(v.shape) != (1, 2 * M - 1, 2 * M - 1, 2):
+            raise CheckpointError(f"{k}: shape {tuple(v.shape)} is not a square window's (1, 2M-1, 2M-1, 2): the "
+                                  "checkpoint is damaged; set model.pretrained_window_sizes yourself")
+        found = (M, coords_reference(v))
+        # The table is a function of (window, reference window): one that is not exactly it is damaged,
+        # and would set the wrong pretrained windows without a word.
+        want = log_spaced_coords((M, M), (found[1], found[1]))
+        if found[1] < 1 or not torch.allclose(v.float(), want, atol=1e-4):
+            raise CheckpointError(f"{k}: not the log-spaced coordinates of any reference window (read as {found[1]}"
+                                  f" for window {M}): the checkpoint is damaged; set model.pretrained_window_sizes "
+                                  "yourself (the V2 fine-tune recipe: 12,12,12,6)")
+        stage = int(k.split(".")[1])
+        if out.setdefault(stage, found) != found:
+            raise CheckpointError(f"{k}: window {found} differs from the stage's other blocks ({out[stage]}): "
+                                  "the checkpoint is damaged; set model.pretrained_window_sizes yourself")
     return out
 
 

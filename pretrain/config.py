@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 # No torch, timm or torchvision here: the sbatch script and tools read configs without loading them.
+from .architecture import VARIANTS as VARIANT_SHAPES, architecture_problem
+
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
 
@@ -44,8 +47,7 @@ class AugConfig:
 
 
 ATTN_IMPLS = ("auto", "sdpa", "flex", "math")  # = pretrain.models.layers.ATTN_IMPLS (tested)
-VARIANTS = ("swin_tiny", "swin_small", "swin_base", "swin_large",  # = pretrain.models.VARIANTS (tested)
-            "swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large")
+VARIANTS = tuple(VARIANT_SHAPES)
 
 
 @dataclass
@@ -200,6 +202,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         return tuple(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
     if tp in (int, float, str, bool, dict) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -291,7 +295,7 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(cfg.dist_timeout_s, "dist_timeout_s", 0, lo_open=True),
         in_range(m.img_size, "model.img_size", 1),
         in_range(m.window_size, "model.window_size", 1),
-        in_range(m.num_classes, "model.num_classes", 0),
+        in_range(m.num_classes, "model.num_classes", 1),  # every training stage classifies (0: no head)
         in_range(m.drop_path_rate, "model.drop_path_rate", 0, 1, hi_open=True),
         one_of(m.attn_impl, "model.attn_impl", ATTN_IMPLS),
         one_of(m.compile, "model.compile", (True, False, "auto")),
@@ -316,6 +320,11 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(a.mixup_switch_prob, "aug.mixup_switch_prob", 0, 1),
         in_range(a.label_smoothing, "aug.label_smoothing", 0, 1, hi_open=True),
         in_range(a.eval_crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
+        one_of(a.interpolation, "aug.interpolation", INTERPOLATIONS),
+        (len(a.mean) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a.mean),
+         f"aug.mean must be 3 numbers (R, G, B), got {list(a.mean)}"),
+        (len(a.std) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in a.std),
+         f"aug.std must be 3 numbers > 0 (R, G, B), got {list(a.std)}"),
         (a.img_size in (224, m.img_size), f"aug.img_size={a.img_size} differs from "
                                           f"model.img_size={m.img_size}: set model.img_size only"),
         in_range(o.global_batch, "optim.global_batch", 1),
@@ -356,7 +365,59 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     clash = sorted(reserved & set(cfg.deepspeed))
     checks.append((not clash, f"deepspeed.{clash[0] if clash else ''} is derived from optim.global_batch and "
                               "optim.micro_batch: set those instead"))
+    checks.extend(deepspeed_contradictions(cfg))
     return checks
+
+
+# timm's interpolation names (timm.data.transforms str_to_interp_mode, + "random": bilinear or bicubic per image)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random")
+
+
+def auto_augment_check(spec: Optional[str]) -> tuple[bool, str]:
+    """timm parses the spec when the transform is built (on the workers): the Trainer parses it first, before
+    any process group (here it would import timm and torch into every config read)."""
+    if spec is None:
+        return True, ""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
+    build = (rand_augment_transform if spec.startswith("rand") else augment_and_mix_transform
+             if spec.startswith("augmix") else auto_augment_transform)
+    try:
+        build(spec, hparams)
+        return True, ""
+    except Exception as e:  # timm raises AssertionError/KeyError/ValueError for an unknown spec
+        return False, (f"aug.auto_augment={spec!r} is not a timm augmentation spec ({type(e).__name__}: {e}); "
+                       "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w4-d2', 'original', or null for none")
+
+
+# A `deepspeed` entry that sets what a typed key decides: (path in the DeepSpeed config, typed key, its value).
+def _deepspeed_typed(cfg: "RunConfig") -> list[tuple[str, str, Any]]:
+    o = cfg.optim
+    return [("zero_optimization.stage", "optim.zero_stage", cfg.zero_stage),
+            ("bf16.enabled", "optim.precision", o.precision == "bf16"),
+            ("fp16.enabled", "optim.precision", o.precision == "fp16"),
+            ("gradient_clipping", "optim.clip_grad", o.clip_grad)]
+
+
+def deepspeed_contradictions(cfg: "RunConfig") -> list[tuple[bool, str]]:
+    """The `deepspeed` dict against the typed keys: a value that contradicts one would run while the log,
+    config.json and the typed key say otherwise, so it is an error; the optimizer and scheduler are built
+    from the optim section."""
+    out = []
+    for path, key, want in _deepspeed_typed(cfg):
+        node: Any = cfg.deepspeed
+        for part in path.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        out.append((node is _MISSING or node == want,
+                    f"deepspeed.{path}={node!r} contradicts {key} (which gives {want!r}): set {key} instead and "
+                    f"drop deepspeed.{path}"))
+    for section in ("optimizer", "scheduler"):
+        out.append((section not in cfg.deepspeed, f"deepspeed.{section}: the {section} is built from the optim "
+                                                  "section (AdamW, timm's schedule): set optim.* instead"))
+    return out
+
+
+_MISSING = object()
 
 
 def raise_failed(checks: list[tuple[bool, str]]) -> None:
@@ -366,8 +427,18 @@ def raise_failed(checks: list[tuple[bool, str]]) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Every check of `cfg.checks()`, then derived values (aug.img_size follows model.img_size)."""
+    """Every check of `cfg.checks()`, the architecture the model section describes, then derived values
+    (aug.img_size follows model.img_size). All at load, before any process group or engine."""
     raise_failed(cfg.checks())
+    m = cfg.model
+    arch = {**VARIANT_SHAPES[m.variant], **{k: getattr(m, k) for k in ("embed_dim", "depths", "num_heads")
+                                             if getattr(m, k) is not None}}
+    problem = architecture_problem((m.img_size, m.img_size), 4, arch["embed_dim"], arch["depths"],
+                                   arch["num_heads"], m.window_size, arch.get("version", 1),
+                                   m.pretrained_window_sizes)
+    if problem:
+        raise ConfigError(f"model: {problem}; fix model.img_size/embed_dim/depths/num_heads/pretrained_window_sizes "
+                          "so they fit together")
     cfg.aug.img_size = cfg.model.img_size  # one source of truth
 
 

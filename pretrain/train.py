@@ -11,14 +11,35 @@ import os
 import sys
 from typing import Callable, Optional
 
+import errno
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data.jpeg import JpegBuildError
 from .data.loader import DataError
-from .training.checkpointing import RunExistsError
+from .training.checkpointing import DamagedCheckpointError, RunExistsError, RunLockedError
 
-# What a user can fix: one line and exit 2, not a traceback (on every rank).
-USER_ERRORS = (ConfigError, FileNotFoundError, DataError, CheckpointError, RunExistsError, JpegBuildError)
+# What a user can fix: one line and exit 2, not a traceback.
+USER_ERRORS = (ConfigError, FileNotFoundError, DataError, CheckpointError, RunExistsError, JpegBuildError,
+               DamagedCheckpointError, RunLockedError)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one line a user error gets (None: a bug, which keeps its traceback)."""
+    from .training.loop import NonFiniteLossError
+    if isinstance(e, USER_ERRORS + (NonFiniteLossError,)):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device writing {e.filename or 'a file'} (ENOSPC): free space there, or "
+                "point run_dir / checkpoint.dir at a disk with room; resume with --resume auto")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES) and e.filename:
+        return f"{e.filename}: {e.strerror}: point run_dir / checkpoint.dir at a writable place"
+    return None
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,8 +56,20 @@ def run_cli(job: Callable[[], Optional[dict]]) -> int:
     process group is closed on every exit; rank 0 prints the result."""
     try:
         result = job()
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            import torch.distributed as dist
+            if isinstance(e, dist.DistBackendError):  # a peer stopped (its own error says why)
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                print(f"error: rank {_rank()}: a collective broke off, another rank stopped (see its error): "
+                      f"{first}", file=sys.stderr)
+                return 1
+            raise
+        # Errors every rank meets alike (config, manifest, checkpoint) print once; one met by a single rank
+        # (its data, found while reading) prints there.
+        if _rank() == 0 or getattr(e, "rank_local", False):
+            print(f"error: {line}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

@@ -177,3 +177,13 @@ def test_flex_attention_in_a_compiled_model_on_cpu_is_refused_with_the_way_out()
     cfg = load_config(str(REPO / "configs/swin_tiny_cpu.json"), ["model.attn_impl=flex", "model.compile=true"])
     with pytest.raises(ConfigError, match="model.attn_impl=math"):
         Trainer._compile(SimpleNamespace(cfg=cfg, device=torch.device("cpu")))
+
+
+def test_flops_of_a_flex_model_are_counted_as_the_math_kernels():
+    """forward_flops (MFU) traces the model: FlexAttention is a compiled op the counter can't enter, so the
+    count runs the math kernel (the same arithmetic), and the model keeps its kernel afterwards."""
+    from pretrain.training.metrics import forward_flops
+    kw = dict(img_size=32, window_size=4, num_classes=3, embed_dim=16, depths=(1, 1), num_heads=(1, 2))
+    flex, math = build_model("swin_tiny", attn_impl="flex", **kw), build_model("swin_tiny", attn_impl="math", **kw)
+    assert forward_flops(flex, 32) == forward_flops(math, 32) > 0
+    assert {m.impl for m in flex.modules() if hasattr(m, "impl")} == {"flex"}

@@ -59,6 +59,7 @@ class LoaderConfig:
     pin_memory: bool = True
     return_keys: bool = False  # append the sample keys to every batch (tests, debugging)
     start_method: str = "auto"  # worker processes: auto (the platform's default), fork, spawn or forkserver
+    num_classes: int = 0  # the model's: a label outside [0, num_classes) stops the run naming it (0: unchecked)
     aug: AugConfig = field(default_factory=AugConfig)
 
 
@@ -144,6 +145,10 @@ class ShardStream(IterableDataset):
         self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
         split = resolve_split_once(cfg.source, cfg.split, world)
         self.shards, self.alt_label = split.shards, split.alt_label
+        if cfg.num_classes and split.num_classes and split.num_classes > cfg.num_classes:
+            raise DataError(f"{cfg.source}: its manifest says {split.num_classes} classes, more than the model's "
+                            f"{cfg.num_classes} (model.num_classes): set model.num_classes={split.num_classes}, "
+                            "or point data.train/val at shards of the model's classes")
         if (training or world > 1) and any(n is None for _, n in self.shards):
             raise DataError(f"{cfg.source}: {'training' if training else 'evaluation on several ranks'} needs "
                             "per-shard sample counts for equal batches on every rank: point data.source at "
@@ -229,7 +234,13 @@ class ShardStream(IterableDataset):
                                 return
                 want = expected if stop is None else stop
                 if want is not None and n < want:
-                    log.warning("%s: %d samples, manifest says %d (truncated shard?)", url, n, expected)
+                    msg = f"{url}: {n} samples, but {self.cfg.source} lists {expected} for it"
+                    if self.training and self.cfg.on_bad_shard == "fatal":
+                        # A count the shard can't hold stretches the epoch and the lr schedule with re-read
+                        # samples; evaluation reports the images it read (val_samples / val_expected).
+                        raise DataError(msg + ": the shard is truncated or the manifest is wrong (python -m "
+                                        "pretrain.make_shards verify); set data.on_bad_shard='skip' to go on")
+                    log.warning("%s (truncated shard?)", msg)
                 return
             except DataError:
                 raise
@@ -290,6 +301,10 @@ class ShardStream(IterableDataset):
             if data is None:
                 raise KeyError(f"no image member ({', '.join(IMAGE_KEYS)}); it has {sorted(sample)}")
             label = int(sample["cls"])
+            if self.cfg.num_classes and not 0 <= label < self.cfg.num_classes:
+                raise DataError(f"{url}: sample {key} has label {label}, outside the model's {self.cfg.num_classes} "
+                                "classes (model.num_classes): the shards are labelled for another class set; "
+                                "set model.num_classes to theirs or point data.train/val at matching shards")
             if self.training:  # the transform decodes only what its random crop needs
                 return seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data), label
             return self.transform(decode(data, self.min_side)), label
@@ -429,7 +444,7 @@ class ShardLoader:
         with self.dataset.corrupt.get_lock():
             self.dataset.corrupt.value = 0
         n = 0
-        for batch in self._dataloader():
+        for batch in _one_line_errors(self._dataloader(), self.dataset.rank):
             if self.training:
                 self.batches_done += 1
             n += 1
@@ -461,6 +476,20 @@ class ShardLoader:
     def corrupt_samples(self) -> int:
         """Corrupt samples skipped on this rank in the current epoch."""
         return self.dataset.corrupt.value
+
+
+def _one_line_errors(batches, rank: int):
+    """A DataError met while reading, as one line naming the rank (and only this rank prints it): a worker's
+    comes back from torch wrapped in its traceback text, whose last line is the error itself."""
+    try:
+        yield from batches
+    except DataError as e:
+        msg = str(e).rstrip()
+        if "Original Traceback" in msg:
+            msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
+        err = DataError(msg if msg.startswith(f"rank {rank}") else f"rank {rank}: {msg}")
+        err.rank_local = True
+        raise err from None
 
 
 def build_loader(cfg: LoaderConfig, rank: int = 0, world: int = 1, training: bool = True) -> ShardLoader:

@@ -36,6 +36,7 @@ class DataError(RuntimeError):
 class Split:
     shards: list[Shard]
     alt_label: Optional[str] = None  # json field holding the label; samples where it is < 0 are left out
+    num_classes: Optional[int] = None  # the manifest's (our writer's `num_classes`), when it says
 
     @property
     def num_samples(self) -> int:
@@ -126,7 +127,8 @@ def resolve_split(source: str, split: str) -> Split:
     if alt is not None and not isinstance(alt, str):
         raise DataError(f"{manifest}: split {split!r} alt_label must be a json field name or null, got {alt!r}")
     check_manifest(manifest, split, s, shards, check_index=alt is None)
-    return Split(shards, alt)
+    n = info.get("num_classes") if alt is None else None  # an alt_label split counts other classes
+    return Split(shards, alt, n if isinstance(n, int) and n > 0 else None)
 
 
 def index_counts(index_url: str) -> Optional[dict[str, int]]:
@@ -188,23 +190,10 @@ def check_manifest(source: str, split: str, s: dict, shards: list[Shard], check_
 
 
 def resolve_split_once(source: str, split: str, world: int) -> Split:
-    """resolve_split on one rank of the job, broadcast to the others: the manifest, the index (tens of MB at
+    """resolve_split on rank 0 of the job, broadcast to the others: the manifest, the index (tens of MB at
     ImageNet-22K scale) and the shard sizes are read once per job, not once per rank. Without a process group
     (or with one rank) each caller reads for itself."""
-    import torch.distributed as dist
-    if world == 1 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    from ..collective import on_rank0
+    if world == 1:
         return resolve_split(source, split)
-    box: list = [None]
-    failure: Optional[BaseException] = None
-    if dist.get_rank() == 0:
-        try:
-            box[0] = resolve_split(source, split)
-        except Exception as e:  # told to every rank, so none waits in a collective that won't come
-            failure, box[0] = e, DataError(str(e) if isinstance(e, DataError) else
-                                           f"rank 0 could not read {source} ({type(e).__name__}: {e})")
-    dist.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    if isinstance(box[0], DataError):
-        raise box[0]
-    return box[0]
+    return on_rank0(lambda: resolve_split(source, split), f"reading {source}")

@@ -140,6 +140,18 @@ def detect_source(src: str) -> str:
     raise ValueError(f"{src}: found no class folders, <class>.tar archives or .parquet files")
 
 
+def refuse_output_inside_source(src: str, out: str) -> None:
+    """An output folder inside a folder source would be read as a class (or its shards as class tars) on a
+    rerun, shifting every label after it."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    src_real = os.path.realpath(src)
+    out_real = os.path.realpath(out.removeprefix("file://"))
+    if os.path.isdir(src_real) and (out_real == src_real or out_real.startswith(src_real + os.sep)):
+        raise ValueError(f"the output {out} is inside the source {src}: a rerun would read it as a class; write "
+                         "the shards outside the source folder")
+
+
 def list_items(opts: WriteOptions) -> Listing:
     kind = detect_source(opts.src)
     if kind == "folder":
@@ -348,6 +360,7 @@ def _check_plan(fs, out: str, plan: dict) -> None:
 
 def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
     """Plan, write (in parallel, skipping finished shards) and write the manifest. Returns a summary."""
+    refuse_output_inside_source(opts.src, opts.out)
     listing = list_items(opts)
     items = listing.items
     if not items:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..architecture import VARIANTS, architecture_problem
 from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, Size2, WindowAttention,
                      WindowAttentionV2, ceil_to, permute_tokens, shifted_window_mask, to_2tuple, trunc_normal_init,
                      window_token_order)
@@ -48,31 +49,18 @@ class SwinConfig:
         self.img_size = to_2tuple(self.img_size)
         self.depths = tuple(int(d) for d in self.depths)
         self.num_heads = tuple(int(h) for h in self.num_heads)
-        if len(self.depths) != len(self.num_heads):
-            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
-        if self.version not in (1, 2):
-            raise ValueError(f"version must be 1 (Swin) or 2 (Swin V2), got {self.version}")
         self.pretrained_window_sizes = tuple(int(w) for w in self.pretrained_window_sizes or ())
-        if self.pretrained_window_sizes and (self.version != 2 or len(self.pretrained_window_sizes) != len(self.depths)):
-            raise ValueError(f"pretrained_window_sizes {self.pretrained_window_sizes}: Swin V2 only, one per stage "
-                             f"({len(self.depths)})")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        problem = architecture_problem(self.img_size, self.patch_size, self.embed_dim, self.depths, self.num_heads,
+                                       self.window_size, self.version, self.pretrained_window_sizes)
+        if problem:
+            raise ValueError(problem)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-VARIANTS: dict[str, dict] = {
-    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
-    "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), version=2),
-    "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), version=2),
-    "swinv2_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), version=2),
-    "swinv2_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), version=2),
-}
 
 
 class SwinBlock(nn.Module):

@@ -12,6 +12,7 @@ and only tags older than the K newest complete ones are deleted, never the one i
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import re
@@ -74,10 +75,35 @@ def load_rng(ckpt_dir: str, tag: str, rank: int) -> bool:
 
 
 def mark_complete(ckpt_dir: str, tag: str, config_json: str) -> None:
-    """Rank 0, after every rank finished writing `tag`: config, marker, then the pointer (last)."""
-    write_bytes_atomic(os.path.join(ckpt_dir, tag, "config.json"), config_json.encode())
-    write_bytes_atomic(os.path.join(ckpt_dir, tag, MARKER), b"")
+    """Rank 0, after every rank finished writing `tag`: config, marker, then the pointer (last). The marker
+    lists every file of the tag with its size (every rank's: the checkpoint dir is shared), so a resume can
+    tell a tag that lost or truncated one rank's file from a whole one."""
+    path = os.path.join(ckpt_dir, tag)
+    write_bytes_atomic(os.path.join(path, "config.json"), config_json.encode())
+    files = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
+             for d, _, names in os.walk(path) for f in names if not f.startswith(".")}
+    write_bytes_atomic(os.path.join(path, MARKER), json.dumps({"files": files}, sort_keys=True).encode())
     write_bytes_atomic(os.path.join(ckpt_dir, POINTER), tag.encode())
+
+
+def check_files(ckpt_dir: str, tag: str) -> None:
+    """Every file the tag's marker lists is there with the size it was written with (markers of older
+    checkpoints list none: nothing to check)."""
+    path = os.path.join(ckpt_dir, tag)
+    raw = open(os.path.join(path, MARKER), "rb").read()
+    listed = json.loads(raw).get("files", {}) if raw.strip() else {}
+    for rel, size in sorted(listed.items()):
+        f = os.path.join(path, rel)
+        have = os.path.getsize(f) if os.path.exists(f) else None
+        if have != size:
+            state = "is missing" if have is None else f"has {have} bytes, written with {size}"
+            raise DamagedCheckpointError(
+                f"{f} {state}: checkpoint {path} is damaged; resume from another complete tag "
+                f"({', '.join(t for t in complete_tags(ckpt_dir) if t != tag)[-200:] or 'none left'})")
+
+
+class DamagedCheckpointError(RuntimeError):
+    """A complete checkpoint that lost or truncated one of its files since it was written."""
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:
@@ -86,8 +112,10 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
         return None
     tag = open(path).read().strip()
     if not os.path.exists(os.path.join(ckpt_dir, tag, MARKER)):
-        raise RuntimeError(f"{path} points to {tag}, which is not marked complete: the checkpoint folder was "
-                           "modified by hand; point it at a complete tag")
+        done = complete_tags(ckpt_dir)
+        raise IncompleteCheckpointError(
+            f"{path} points to {tag}, which is not marked complete: the checkpoint folder was modified by hand "
+            f"(or by another run); write a complete tag into it" + (f", e.g. {done[-1]}" if done else ""))
     return tag
 
 
@@ -112,13 +140,70 @@ class RunExistsError(ValueError):
 
 
 def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
-    """A fresh start must not write into another run's checkpoints (their tags would collide)."""
-    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
-    if tag is not None:
-        raise RunExistsError(
-            f"{run_dir} already holds a run (checkpoints in {ckpt_dir}, newest {tag}): continue it with "
-            f"--resume auto, start elsewhere with another run_dir (--set run_dir=... or --output), or delete "
-            f"{ckpt_dir} to start over")
+    """A fresh start must not write into another run's files: its checkpoints (their tags would collide),
+    nor, when that run kept its checkpoints elsewhere (checkpoint.dir), its metrics.jsonl and config.json."""
+    dirs = [ckpt_dir]
+    saved = os.path.join(run_dir, "config.json")
+    if os.path.exists(saved):
+        try:
+            with open(saved) as f:
+                prev = json.load(f)
+            dirs.append(prev.get("checkpoint", {}).get("dir") or os.path.join(prev.get("run_dir", run_dir),
+                                                                                "checkpoints"))
+        except (OSError, ValueError, AttributeError):
+            pass  # unreadable: the checkpoint dir check below still holds
+    for d in dict.fromkeys(dirs):
+        tag = latest_tag(d) if os.path.isdir(d) else None
+        if tag is not None:
+            raise RunExistsError(
+                f"{run_dir} already holds a run (checkpoints in {d}, newest {tag}): continue it with "
+                f"--resume auto, start elsewhere with another run_dir (--set run_dir=... or --output), or delete "
+                f"{d} and {run_dir} to start over")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run dir."""
+
+
+class RunLock:
+    """<run_dir>/.run.lock, flock'd by rank 0 for the whole run: one run at a time in a run dir. The kernel
+    drops the lock when its process dies, so a crashed or requeued job's lock is never stale; the file names
+    the holder (host, pid, Slurm job) for the refusal. On NFS, Linux clients map flock to POSIX locks."""
+
+    NAME = ".run.lock"
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, self.NAME)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import time
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunLockedError(f"run_dir {os.path.dirname(self.path)} can't be written ({e.strerror}): point "
+                                 "run_dir at a writable place") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{os.path.dirname(self.path)} is in use by another run ({holder}): wait for it "
+                                 "to end, or give this run another run_dir") from None
+        job = os.environ.get("SLURM_JOB_ID")
+        holder = (f"host {socket.gethostname()}, pid {os.getpid()}" + (f", Slurm job {job}" if job else "")
+                  + f", since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
 
 
 def write_state(path: str, state: dict[str, torch.Tensor]) -> None:
@@ -150,13 +235,44 @@ def load_run_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
 
 
+def complete_tags(ckpt_dir: str) -> list[str]:
+    """The tags of `ckpt_dir` marked complete, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted((t for t in os.listdir(ckpt_dir) if step_of(t) >= 0 and os.path.exists(
+        os.path.join(ckpt_dir, t, MARKER))), key=step_of)
+
+
+def require_complete(ckpt_dir: str, tag: str) -> None:
+    """A tag folder must exist and be marked complete; the error names the newest complete one instead."""
+    path = os.path.join(ckpt_dir, tag)
+    if os.path.exists(os.path.join(path, MARKER)):
+        return
+    done = complete_tags(ckpt_dir)
+    offer = f"; the newest complete one is {os.path.join(ckpt_dir, done[-1])}" if done else ""
+    why = "is not marked complete (a save that did not finish)" if os.path.isdir(path) else "does not exist"
+    raise IncompleteCheckpointError(f"{path} {why}: it can't be loaded{offer}")
+
+
+class IncompleteCheckpointError(FileNotFoundError):
+    """A checkpoint asked for by name that is missing or was never marked complete."""
+
+
 def resolve_tag(path: str, tag: Optional[str] = None) -> tuple[str, str]:
-    """(checkpoint dir, tag) from a run dir, a checkpoint dir or a tag folder."""
+    """(checkpoint dir, complete tag) from a run dir, a checkpoint dir or a tag folder; `tag` names one in
+    the checkpoint dir found from `path` (a run dir's checkpoints/ first)."""
     path = path.rstrip("/")
     if tag:
-        return path, tag
+        for ckpt_dir in (os.path.join(path, "checkpoints"), path):
+            if os.path.isdir(os.path.join(ckpt_dir, tag)):
+                require_complete(ckpt_dir, tag)
+                return ckpt_dir, tag
+        ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        require_complete(ckpt_dir, tag)
     if os.path.exists(os.path.join(path, MARKER)):
         return os.path.split(path)
+    if step_of(os.path.basename(path)) >= 0 and os.path.isdir(path):
+        require_complete(*os.path.split(path))
     for ckpt_dir in (path, os.path.join(path, "checkpoints")):
         if os.path.exists(os.path.join(ckpt_dir, POINTER)):
             return ckpt_dir, latest_tag(ckpt_dir)

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from .. import slurm
-from ..config import ConfigError, RunConfig
+from ..collective import on_rank0
+from ..config import ConfigError, RunConfig, auto_augment_check, raise_failed
 from ..data.jpeg import roi_decoder
 from ..data.loader import LoaderConfig, ShardLoader
 from ..data.transforms import BatchAugment
@@ -62,7 +63,8 @@ def loader_config(cfg: RunConfig, source: str, split: str) -> LoaderConfig:
     d = cfg.data
     return LoaderConfig(source, split=split, batch_size=cfg.optim.micro_batch, workers=d.workers, seed=cfg.seed,
                         shuffle_buffer=d.shuffle_buffer, allow_pipe=d.allow_pipe, max_corrupt=d.max_corrupt,
-                        on_bad_shard=d.on_bad_shard, retries=d.retries, start_method=d.start_method, aug=cfg.aug)
+                        on_bad_shard=d.on_bad_shard, retries=d.retries, start_method=d.start_method, aug=cfg.aug,
+                        num_classes=cfg.model.num_classes)
 
 
 def seed_everything(seed: int) -> None:
@@ -79,9 +81,13 @@ class Trainer:
         if self.stage.ema_decay and cfg.zero_stage == 3:
             raise ConfigError("an EMA (finetune.ema_decay) needs whole weights on every rank: use "
                               "optim.zero_stage 0-2 with it")
+        raise_failed([auto_augment_check(cfg.aug.auto_augment)])  # timm's parse, before any process group
         slurm.init_env_from_slurm()
         self.backend: Backend = build_backend(cfg)
         self.rank, self.world, self.device = self.backend.rank, self.backend.world, self.backend.device
+        self.run_lock = ckpt.RunLock(cfg.run_dir)
+        if training:  # first, before anything is built or written: one run at a time in a run dir
+            on_rank0(self._claim_run_dir, f"locking {cfg.run_dir}")
         self.accum = cfg.accumulation(self.world)
         self._log0(f"{self.stage.name} on {self.world} rank(s), backend {self.backend.name}"
                    + (f" (ZeRO-{cfg.zero_stage})" if self.backend.name == "deepspeed" else "")
@@ -147,6 +153,19 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.log.progress,
                                      self.total_updates, self.step)
 
+    def _claim_run_dir(self) -> None:
+        """Rank 0: the run dir's lock (refused naming the holder), and a writable checkpoint dir."""
+        self.run_lock.acquire()
+        d = self.cfg.checkpoint_dir
+        try:
+            os.makedirs(d, exist_ok=True)
+            probe = os.path.join(d, f".write_test.{os.getpid()}")
+            open(probe, "wb").close()
+            os.remove(probe)
+        except OSError as e:
+            raise ConfigError(f"checkpoint dir {d} can't be written ({e.strerror}): set checkpoint.dir (or "
+                              "run_dir) to a writable place") from None
+
     def _compile(self) -> bool:
         """model.compile: torch.compile inside the engine, with inductor's and Triton's caches in a persistent
         folder so a requeued or resumed job reuses the kernels instead of compiling them again."""
@@ -178,9 +197,17 @@ class Trainer:
             ckpt_dir, tag = self.cfg.checkpoint_dir, ckpt.latest_or_fail(self.cfg.checkpoint_dir)
         else:
             ckpt_dir, tag = os.path.split(os.path.abspath(resume.rstrip("/")))
+            ckpt.require_complete(ckpt_dir, tag)
+        ckpt.check_files(ckpt_dir, tag)
         with open(os.path.join(ckpt_dir, tag, "client_state.json")) as f:
             saved = json.load(f)
-        self.backend.load(ckpt_dir, tag, saved["world"])
+        self._check_same_architecture(os.path.join(ckpt_dir, tag, "config.json"))
+        try:
+            self.backend.load(ckpt_dir, tag, saved["world"])
+        except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+            raise ckpt.DamagedCheckpointError(f"{os.path.join(ckpt_dir, tag)}: the {self.backend.name} backend could "
+                                              f"not load it ({type(e).__name__}: {str(e)[:300]}); resume from "
+                                              "another complete tag") from None
         self.step = self._saved_step = saved["step"]
         self.nonfinite_total = saved.get("nonfinite_total", 0)
         loader_state = saved["loader"]
@@ -199,11 +226,30 @@ class Trainer:
         self._log0(f"resumed from {os.path.join(ckpt_dir, tag)} at update {self.step} (epoch "
                    f"{self.train_loader.epoch}, micro-batch {self.train_loader.batches_done})")
 
+    ARCHITECTURE_KEYS = ("variant", "img_size", "window_size", "num_classes", "embed_dim", "depths", "num_heads",
+                         "ape", "pretrained_window_sizes")
+
+    def _check_same_architecture(self, saved_config: str) -> None:
+        """A resume continues the saved run: its model must be the same shape (the state dict would not
+        fit, in 30 lines of mismatches); name what changed instead."""
+        if not os.path.exists(saved_config):
+            return
+        with open(saved_config) as f:
+            saved = json.load(f).get("model", {})
+        now = self.cfg.to_dict()["model"]
+        changed = {k: (saved.get(k), now.get(k)) for k in self.ARCHITECTURE_KEYS if k in saved and saved[k] != now[k]}
+        if changed:
+            shown = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the architecture changed since it was saved "
+                              f"({shown}); resume with the saved values, or start a new run (fine-tuning moves "
+                              "weights to a new size: finetune/run.py --pretrained)")
+
     # ---------------------------------------------------------------------------------- training
     def fit(self) -> dict:
         try:
             return self._fit()
         finally:  # on every exit (done, preempted, failed): stop loader workers, which ignore SIGTERM
+            self.run_lock.release()
             self.metrics.close()
             for loader in (self.train_loader, self.val_loader):
                 if loader is not None:
@@ -213,8 +259,7 @@ class Trainer:
         cfg = self.cfg
         os.makedirs(cfg.run_dir, exist_ok=True)
         if self.rank == 0:
-            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=1)
+            write_bytes_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1).encode())
         self.metrics.start(self.step if self.resume else None)
         self.preempt.install()
         result: dict = {}

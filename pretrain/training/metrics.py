@@ -32,11 +32,21 @@ def topk_metrics(sums: torch.Tensor, prefix: str = "") -> dict:
 
 
 def forward_flops(model: torch.nn.Module, img_size: int) -> float:
-    """FLOPs of one forward pass on one image (torch's FLOP counter on the CPU model)."""
+    """FLOPs of one forward pass on one image (torch's FLOP counter on the CPU model). Counted with the math
+    attention kernel: the same arithmetic as sdpa's and flex's, and the only one the counter can trace (flex
+    is a compiled higher-order op it cannot enter)."""
     from torch.utils.flop_counter import FlopCounterMode
+    attention = [m for m in model.modules() if isinstance(getattr(m, "impl", None), str)]
+    kept = [m.impl for m in attention]
+    for m in attention:
+        m.impl = "math"
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        model(torch.zeros(1, 3, img_size, img_size))
+    try:
+        with counter, torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size))
+    finally:
+        for m, impl in zip(attention, kept):
+            m.impl = impl
     return float(counter.get_total_flops())
 
 

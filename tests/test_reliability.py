@@ -1,0 +1,186 @@
+"""Nothing lost, nothing silent, round two (issue 22): run identity, incomplete or damaged checkpoints, config
+values checked at load, labels against the model, short shards, and the writer's output inside its source.
+Real files, real shards, real processes for the lock."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.checkpoint import CheckpointError, v2_windows
+from pretrain.config import ConfigError, load_config
+from pretrain.data.loader import DataError, LoaderConfig, build_loader
+from pretrain.data.shards import WriteOptions, write_shards
+from pretrain.data.synthetic import make_image_folder
+from pretrain.data.transforms import AugConfig
+from pretrain.models.layers import log_spaced_coords
+from pretrain.training import checkpointing as ckpt
+
+from conftest import REPO
+
+AUG = AugConfig(img_size=32, auto_augment=None)
+CPU_CONFIG = str(REPO / "configs/swin_tiny_cpu.json")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("rel")
+    make_image_folder(str(root / "imgs"), num_classes=4, per_class=8, size=(48, 40))
+    write_shards(WriteOptions(str(root / "imgs"), str(root / "s"), samples_per_shard=8), progress=False)
+    return root / "s"
+
+
+# ---------------------------------------------------------------------------------------- config at load
+
+@pytest.mark.parametrize("override,message", [
+    (["model.depths=[2,2]", "model.num_heads=[1,2,3]"], r"depths \(2, 2\) and num_heads \(1, 2, 3\) differ"),
+    (["model.embed_dim=16", "model.depths=[1,1]", "model.num_heads=[3,3]"], r"not divisible by num_heads\[0\]=3"),
+    (["model.img_size=30"], r"img_size \(30, 30\) is not a multiple of the patch size 4"),
+    (["model.variant=swinv2_tiny", "model.pretrained_window_sizes=[8,8,8]"], r"pretrained_window_sizes .* one per"),
+    (["aug.mean=[0.5,0.5]"], r"aug.mean must be 3 numbers"),
+    (["aug.std=[0.2,0,0.2]"], r"aug.std must be 3 numbers > 0"),
+    (["aug.interpolation=cubic"], r"aug.interpolation must be one of"),
+    (["optim.base_lr=Infinity"], r"optim.base_lr: must be a finite number"),
+    (["model.num_classes=0"], r"model.num_classes must be >= 1"),
+    (['deepspeed={"zero_optimization": {"stage": 3}}'], r"deepspeed.zero_optimization.stage=3 contradicts "
+                                                         r"optim.zero_stage"),
+    (['deepspeed={"bf16": {"enabled": false}}'], r"deepspeed.bf16.enabled=False contradicts optim.precision"),
+    (['deepspeed={"optimizer": {"type": "Adam"}}'], r"deepspeed.optimizer: the optimizer is built from"),
+])
+def test_values_that_would_fail_later_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(CPU_CONFIG, override)
+
+
+def test_an_unknown_randaugment_spec_is_refused_naming_the_key():
+    from pretrain.config import auto_augment_check
+    ok, msg = auto_augment_check("rand-x9")
+    assert not ok and "aug.auto_augment='rand-x9' is not a timm augmentation spec" in msg
+    assert auto_augment_check("rand-m9-mstd0.5-inc1") == (True, "") and auto_augment_check(None)[0]
+
+
+# ------------------------------------------------------------------------------------------- run identity
+
+HOLD = ("import sys, time; from pretrain.training.checkpointing import RunLock; "
+        "l = RunLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)")
+
+
+def test_a_run_dir_holds_one_run_and_a_dead_holders_lock_is_free(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.time()
+        with pytest.raises(ckpt.RunLockedError, match=rf"is in use by another run \(host .*, pid {holder.pid}"):
+            ckpt.RunLock(str(tmp_path)).acquire()
+        assert time.time() - t0 < 10
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = ckpt.RunLock(str(tmp_path))  # the holder died (as a requeued or crashed job): its lock went with it
+    lock.acquire()
+    assert f"pid {__import__('os').getpid()}" in (tmp_path / ".run.lock").read_text()
+    lock.release()
+
+
+def test_a_fresh_run_with_another_checkpoint_dir_is_refused_where_a_run_finished(tmp_path):
+    old_ckpt = tmp_path / "elsewhere"
+    (old_ckpt / "step00000004").mkdir(parents=True)
+    ckpt.mark_complete(str(old_ckpt), "step00000004", "{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"run_dir": str(tmp_path / "run"),
+                                                              "checkpoint": {"dir": str(old_ckpt)}}))
+    with pytest.raises(ckpt.RunExistsError, match=r"already holds a run \(checkpoints in .*elsewhere"):
+        ckpt.refuse_existing_run(str(tmp_path / "run"), str(tmp_path / "run" / "checkpoints"))
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def _tags(ckpt_dir: Path) -> None:
+    for step in (2, 4):
+        tag = ckpt.tag_for(step)
+        (ckpt_dir / tag).mkdir(parents=True)
+        (ckpt_dir / tag / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 100)
+        (ckpt_dir / tag / "rng_rank1.pt").write_bytes(b"r" * 10)
+        ckpt.mark_complete(str(ckpt_dir), tag, "{}")
+    (ckpt_dir / "step00000006").mkdir()  # a save that never finished
+
+
+def test_incomplete_missing_or_damaged_tags_are_refused_naming_the_file(tmp_path):
+    d = tmp_path / "run" / "checkpoints"
+    _tags(d)
+    with pytest.raises(ckpt.IncompleteCheckpointError, match=r"step00000006 is not marked complete.*newest complete "
+                                                             r"one is .*step00000004"):
+        ckpt.require_complete(str(d), "step00000006")
+    ckpt.check_files(str(d), "step00000004")  # whole
+    (d / "step00000004" / "rng_rank1.pt").unlink()
+    with pytest.raises(ckpt.DamagedCheckpointError, match=r"rng_rank1.pt is missing"):
+        ckpt.check_files(str(d), "step00000004")
+    (d / "step00000002" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"x" * 40)  # truncated
+    with pytest.raises(ckpt.DamagedCheckpointError, match=r"zero_pp_rank_1_optim_states.pt has 40 bytes, written "
+                                                          r"with 100"):
+        ckpt.check_files(str(d), "step00000002")
+    # The documented export command names a tag of a run dir: found in its checkpoints/, complete or refused.
+    assert ckpt.resolve_tag(str(tmp_path / "run"), "step00000004") == (str(d), "step00000004")
+    with pytest.raises(ckpt.IncompleteCheckpointError, match="step00000006 is not marked complete"):
+        ckpt.resolve_tag(str(tmp_path / "run"), "step00000006")
+    r = subprocess.run([sys.executable, "-m", "pretrain.release", str(tmp_path / "run"), "--tag", "step00000009"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "step00000009 does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_damaged_v2_coordinates_table_is_refused_not_read_as_a_window():
+    good = {"layers.0.blocks.0.attn.relative_coords_table": log_spaced_coords((8, 8), (12, 12))}
+    assert v2_windows(good) == {0: (8, 12)}
+    damaged = good["layers.0.blocks.0.attn.relative_coords_table"].clone()
+    damaged[0, 3, 5, 1] += 0.3
+    with pytest.raises(CheckpointError, match=r"blocks.0.attn.relative_coords_table: not the log-spaced coordinates"):
+        v2_windows({"layers.0.blocks.0.attn.relative_coords_table": damaged})
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def cfg(source, **kw):
+    return LoaderConfig(str(source), **{"batch_size": 4, "workers": 0, "aug": AUG, "retries": 1,
+                                        "retry_backoff_s": 0.01, **kw})
+
+
+def test_labels_outside_the_model_are_refused_naming_shard_and_key(shards):
+    with pytest.raises(DataError, match=r"its manifest says 4 classes, more than the model's 3"):
+        build_loader(cfg(shards / "_info.json", num_classes=3))
+    info = json.loads((shards / "_info.json").read_text())
+    bare = shards.parent / "bare"
+    bare.mkdir()
+    for f in info["splits"]["train"]["filenames"]:
+        (bare / f).symlink_to(shards / f)
+    del info["num_classes"]
+    (bare / "_info.json").write_text(json.dumps(info))  # foreign shards: no class count to compare with
+    loader = build_loader(cfg(bare / "_info.json", num_classes=3, workers=2), 0, 1)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    msg = str(e.value)
+    assert msg.startswith("rank 0: ") and "Traceback" not in msg and "\n" not in msg  # one line, from a worker
+    assert "train-00000" in msg and "has label 3, outside the model's 3 classes" in msg
+
+
+def test_a_shard_shorter_than_its_count_stops_training_when_read(shards, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    info = json.loads((shards / "_info.json").read_text())
+    for f in info["splits"]["train"]["filenames"]:
+        (out / f).symlink_to(shards / f)
+    info["splits"]["train"]["shard_lengths"] = [n * 2 for n in info["splits"]["train"]["shard_lengths"]]
+    info["splits"]["train"]["num_samples"] *= 2
+    (out / "_info.json").write_text(json.dumps(info))  # inflated x2, no _index.parquet: the sizes still allow it
+    with pytest.raises(DataError, match=r"train-00000\d.tar: 8 samples, but .* lists 16 for it"):
+        list(build_loader(cfg(out / "_info.json"), 0, 1))
+    assert len(list(build_loader(cfg(out / "_info.json", on_bad_shard="skip"), 0, 1))) == 16  # said, then re-read
+
+
+def test_the_writer_refuses_an_output_inside_its_source(shards):
+    src = str(shards.parent / "imgs")
+    with pytest.raises(ValueError, match="is inside the source"):
+        write_shards(WriteOptions(src, src + "/shards"), progress=False)
+    assert not (shards.parent / "imgs" / "shards").exists()
