@@ -449,6 +449,11 @@ def _mismatch_message(name: str, sd: Mapping, target: Mapping, model: SwinTransf
     except (KeyError, IndexError, ValueError):
         ck = "unrecognized"
     mine = model.cfg.to_dict()
+    if ck == _describe(mine):  # the architecture fits: the tensors named above are what is wrong
+        lines.append(f"  hint: the checkpoint's architecture is the model's ({ck}), so only the "
+                     f"{len(missing) + len(unexpected) + len(mismatched)} tensor(s) named above disagree: they are "
+                     "damaged or from another model; fix or re-export the checkpoint (strict=False loads the rest)")
+        return "\n".join(lines)
     lines.append(f"  hint: the checkpoint looks like {ck}; the model is {_describe(mine)}. "
                  "Build the matching variant (build_model(variant, window_size=..., num_classes=...))"
                  + ("; a checkpoint without a classifier loads with reset_head=True"
@@ -564,7 +569,11 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
         raise CheckpointError(f"{source}: a Swin V2 checkpoint in timm's layout stores no window size (timm "
                               "does not save the relative_coords_table buffers): give it (--window-size, and "
                               "--pretrained-window-sizes for a model fine-tuned from another window)")
-    return SwinConfig(**cfg)
+    try:
+        return SwinConfig(**cfg)
+    except ValueError as e:  # read off damaged tensors: no architecture fits them
+        raise CheckpointError(f"{source}: the architecture read off its tensors does not fit together ({e}); "
+                              "a tensor is damaged or from another model: fix or re-export the checkpoint") from None
 
 
 def pretrained_windows_of(source: Source, *, allow_pickle: bool = False) -> Optional[tuple[int, ...]]:

@@ -63,9 +63,11 @@ def _run(cmd: list[str], env, wait: bool):
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=600)
 
 
-def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True):
-    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command)."""
-    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(29500 + os.getpid() % 1000),
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, port_offset: int = 0):
+    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command);
+    `port_offset` for a second job running at the same time."""
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port",
+           str(29500 + (os.getpid() + port_offset) % 1000),
            "launch/pretrain.py", "--config", cfg["_path"], *args]
     return _run(cmd, env, wait)
 

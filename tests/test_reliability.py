@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.checkpoint import CheckpointError, v2_windows
 from pretrain.config import ConfigError, load_config
@@ -18,17 +19,18 @@ from pretrain.data.transforms import AugConfig
 from pretrain.models.layers import log_spaced_coords
 from pretrain.training import checkpointing as ckpt
 
-from conftest import REPO
+from conftest import REPO, base_config, launch, losses
 
 AUG = AugConfig(img_size=32, auto_augment=None)
 CPU_CONFIG = str(REPO / "configs/swin_tiny_cpu.json")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
+def rel_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("rel")
     make_image_folder(str(root / "imgs"), num_classes=4, per_class=8, size=(48, 40))
-    write_shards(WriteOptions(str(root / "imgs"), str(root / "s"), samples_per_shard=8), progress=False)
+    write_shards(WriteOptions(str(root / "imgs"), str(root / "s"), val_per_class=2, samples_per_shard=8),
+                 progress=False)
     return root / "s"
 
 
@@ -147,14 +149,14 @@ def cfg(source, **kw):
                                         "retry_backoff_s": 0.01, **kw})
 
 
-def test_labels_outside_the_model_are_refused_naming_shard_and_key(shards):
+def test_labels_outside_the_model_are_refused_naming_shard_and_key(rel_shards):
     with pytest.raises(DataError, match=r"its manifest says 4 classes, more than the model's 3"):
-        build_loader(cfg(shards / "_info.json", num_classes=3))
-    info = json.loads((shards / "_info.json").read_text())
-    bare = shards.parent / "bare"
+        build_loader(cfg(rel_shards / "_info.json", num_classes=3))
+    info = json.loads((rel_shards / "_info.json").read_text())
+    bare = rel_shards.parent / "bare"
     bare.mkdir()
     for f in info["splits"]["train"]["filenames"]:
-        (bare / f).symlink_to(shards / f)
+        (bare / f).symlink_to(rel_shards / f)
     del info["num_classes"]
     (bare / "_info.json").write_text(json.dumps(info))  # foreign shards: no class count to compare with
     loader = build_loader(cfg(bare / "_info.json", num_classes=3, workers=2), 0, 1)
@@ -165,22 +167,97 @@ def test_labels_outside_the_model_are_refused_naming_shard_and_key(shards):
     assert "train-00000" in msg and "has label 3, outside the model's 3 classes" in msg
 
 
-def test_a_shard_shorter_than_its_count_stops_training_when_read(shards, tmp_path):
+def test_a_shard_shorter_than_its_count_stops_training_when_read(rel_shards, tmp_path):
     out = tmp_path / "s"
     out.mkdir()
-    info = json.loads((shards / "_info.json").read_text())
+    info = json.loads((rel_shards / "_info.json").read_text())
     for f in info["splits"]["train"]["filenames"]:
-        (out / f).symlink_to(shards / f)
+        (out / f).symlink_to(rel_shards / f)
     info["splits"]["train"]["shard_lengths"] = [n * 2 for n in info["splits"]["train"]["shard_lengths"]]
     info["splits"]["train"]["num_samples"] *= 2
     (out / "_info.json").write_text(json.dumps(info))  # inflated x2, no _index.parquet: the sizes still allow it
     with pytest.raises(DataError, match=r"train-00000\d.tar: 8 samples, but .* lists 16 for it"):
         list(build_loader(cfg(out / "_info.json"), 0, 1))
-    assert len(list(build_loader(cfg(out / "_info.json", on_bad_shard="skip"), 0, 1))) == 16  # said, then re-read
+    skip = build_loader(cfg(out / "_info.json", on_bad_shard="skip"), 0, 1)
+    assert len(list(skip)) == 12  # 2 x 24 listed: said, then re-read
 
 
-def test_the_writer_refuses_an_output_inside_its_source(shards):
-    src = str(shards.parent / "imgs")
+def test_the_writer_refuses_an_output_inside_its_source(rel_shards):
+    src = str(rel_shards.parent / "imgs")
     with pytest.raises(ValueError, match="is inside the source"):
         write_shards(WriteOptions(src, src + "/shards"), progress=False)
-    assert not (shards.parent / "imgs" / "shards").exists()
+    assert not (rel_shards.parent / "imgs" / "shards").exists()
+
+
+def test_convert_of_one_damaged_tensor_names_it_alone(tmp_path):
+    """One tensor of a good checkpoint with a wrong shape: the error names that one and says the
+    architecture fits (not a hint that describes checkpoint and model in the same words)."""
+    import safetensors.torch as st
+    from pretrain.models import build_model
+    sd = build_model("swin_tiny", img_size=64, window_size=4, num_classes=5, embed_dim=32, depths=(2, 2),
+                     num_heads=(2, 4)).state_dict()
+    sd["layers.1.blocks.0.attn.qkv.weight"] = torch.zeros(195, 64)
+    st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "pretrain.convert", str(tmp_path / "bad.safetensors"),
+                        str(tmp_path / "out.safetensors"), "--layout", "timm"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "shape mismatches: layers.1.blocks.0.attn.qkv.weight (195, 64) vs model (192, 64)\n" in r.stderr
+    assert "only the 1 tensor(s) named above disagree" in r.stderr and "Build the matching variant" not in r.stderr
+    sd["patch_embed.proj.weight"] = torch.zeros(35, 3, 4, 4)  # read as embed_dim 35: no architecture fits
+    st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
+    r = subprocess.run([sys.executable, "-m", "pretrain.convert", str(tmp_path / "bad.safetensors"),
+                        str(tmp_path / "out.safetensors"), "--layout", "timm"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit together" in r.stderr
+
+
+def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, tmp_path):
+    """The real DeepSpeed launcher, 2 ranks each: the second run in the same run dir is refused naming the
+    holder, and the first finishes with its checkpoints and metrics intact."""
+    cfg = base_config(shards, tmp_path / "run", optim={"max_steps": 6}, checkpoint={"every_steps": 2, "keep": 5})
+    first = launch(cfg, env={"PRETRAIN_INJECT_SLEEP_S": "8"}, wait=False)  # alive while the second starts
+    try:
+        for line in first.stdout:  # wait until it trains
+            if "first update after" in line:
+                break
+        second = launch(cfg, port_offset=37)
+        assert first.poll() is None, "the first run ended before the second started: nothing was tested"
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        assert "is in use by another run (host " in second.stderr and "Traceback" not in second.stderr
+        assert second.stderr.count("error: ") == 1  # one line, from one rank
+        rest, _ = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, rest[-3000:]
+    assert sorted(losses(cfg["run_dir"])) == [1, 2, 3, 4, 5, 6]
+    ckpts = Path(cfg["run_dir"], "checkpoints")
+    assert sorted(t.name for t in ckpts.glob("step*")) == [f"step{s:08d}" for s in (2, 4, 6)]
+    assert all((t / "COMPLETE").exists() for t in ckpts.glob("step*"))
+
+
+def test_eval_only_refuses_weights_without_a_head_for_the_model(rel_shards, tmp_path):
+    from pretrain.checkpoint import export
+    from pretrain.models import build_model
+    w = export(build_model("swin_tiny", img_size=64, window_size=4, num_classes=10, embed_dim=32, depths=(2, 2),
+                           num_heads=(2, 4)), str(tmp_path / "w.safetensors"))
+    run = lambda *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json", "--eval-only", "--res",
+         "64", "--window", "4", "--pretrained", w, "--data", str(rel_shards), "--set", "data.workers=0",
+         "model.num_classes=6", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = run()
+    assert r.returncode == 2 and "has no trained head for this model" in r.stderr and "Traceback" not in r.stderr
+    assert "--allow-random-head" in r.stderr
+    assert run("--allow-random-head").returncode == 0
+
+
+def test_resuming_with_a_changed_architecture_names_the_keys(tmp_path):
+    from types import SimpleNamespace
+    from pretrain.training import Trainer
+    saved = load_config(CPU_CONFIG)
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    now = load_config(CPU_CONFIG, ["model.window_size=3", "model.drop_path_rate=0.0"])
+    with pytest.raises(ConfigError, match=r"architecture changed since it was saved \(model.window_size: "):
+        Trainer._check_same_architecture(SimpleNamespace(cfg=now, ARCHITECTURE_KEYS=Trainer.ARCHITECTURE_KEYS),
+                                         str(tmp_path / "config.json"))
