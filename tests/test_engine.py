@@ -168,6 +168,9 @@ def test_nan_on_one_rank_skips_the_update_on_both(shards, tmp_path, backend, met
     stop = base_config(shards, tmp_path / "nan_stop", **{**sections, "optim": {**sections["optim"], "max_nonfinite": 2}})
     r = launch_backend(backend, stop, env={"PRETRAIN_INJECT_NAN": "3:0,4:1"})  # rank 0, then rank 1: 2 in a row
     assert r.returncode != 0 and "2 non-finite updates in a row" in r.stdout + r.stderr
+    # A user error: one line ("error: ..."), exit 2 on the ranks (torchrun adds its own report of a failed child).
+    assert "raise NonFiniteLossError" not in r.stdout + r.stderr
+    assert (r.stdout + r.stderr).count("error: 2 non-finite updates in a row") == 1
 
 
 def test_bad_configs_name_the_key(tmp_path, shards):

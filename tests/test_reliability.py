@@ -2,6 +2,7 @@
 values checked at load, labels against the model, short shards, and the writer's output inside its source.
 Real files, real shards, real processes for the lock."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -261,3 +262,33 @@ def test_resuming_with_a_changed_architecture_names_the_keys(tmp_path):
     with pytest.raises(ConfigError, match=r"architecture changed since it was saved \(model.window_size: "):
         Trainer._check_same_architecture(SimpleNamespace(cfg=now, ARCHITECTURE_KEYS=Trainer.ARCHITECTURE_KEYS),
                                          str(tmp_path / "config.json"))
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """A read-only bind mount and a 64 KiB tmpfs (real filesystems that refuse writes), as root (CI is)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only bind and a tiny tmpfs")
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    (tmp_path / "src").mkdir()
+    ro.mkdir()
+    full.mkdir()
+    subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(ro)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], check=True)
+    yield ro, full
+    subprocess.run(["umount", str(ro)], check=False)
+    subprocess.run(["umount", str(full)], check=False)
+
+
+def test_read_only_run_dir_and_full_disk_are_one_line_errors(mounted):
+    from pretrain.io import write_bytes_atomic
+    from pretrain.train import user_error
+    ro, full = mounted
+    with pytest.raises(ckpt.RunLockedError, match=r"run_dir .*ro/run can't be written \(Read-only file system\)"):
+        ckpt.RunLock(str(ro / "run")).acquire()
+    with pytest.raises(OSError) as e:
+        write_bytes_atomic(str(full / "ckpt.bin"), b"x" * 200_000)
+    line = user_error(e.value)
+    assert line is not None and "no space left on the device" in line and "ENOSPC" in line
+    assert not (full / "ckpt.bin").exists()  # nothing written half: the temp file never became the name
