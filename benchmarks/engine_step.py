@@ -11,8 +11,9 @@ precision; (a) "engine": our Trainer's micro-step (backend --backend, ZeRO --sta
 torch.compile with --compile, fused AdamW, clip); (c) with --timm, "timm": timm's Swin of the same
 architecture in that same loop. Alternating rounds; per loop: median s/update after warm-up, img/s (all
 ranks), MFU (on known GPUs), peak memory (CUDA), time to first step (compilation included).
-memory: for each stage, one bf16 micro-batch step of the engine, then every tensor the engine's module and
-optimizer hold on this rank, summed by kind (read from the engine, not estimated).
+memory: for each stage, two bf16 micro-batch steps of the engine: the peak of tensor memory during forward,
+backward and step (CUDA's allocator peak; on the CPU every op's outputs counted while alive), and every
+tensor the engine's module and optimizer hold after it, by kind (read from the engine, not estimated).
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ import json
 import os
 import statistics
 import time
+import weakref
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pretrain.config import TrainConfig, from_dict, validate
 from pretrain.models import model_from_section
@@ -69,10 +72,8 @@ class EngineLoop:
         self.trainer, self.i = trainer, 0
 
     def __call__(self, images, labels) -> None:
-        self.i += 1
-        if self.trainer._micro_step(images, labels, 0, self.i):
-            self.trainer.step += 1
-            self.trainer._sync_update()  # the loop's per-update host sync, as in training
+        self.i += 1  # the public step: forward/backward, and on the boundary the update and its host sync
+        self.trainer.train_step((images, labels), mix_seed(0, 0, self.i, self.trainer.rank))
 
 
 class PlainLoop:
@@ -91,10 +92,10 @@ class PlainLoop:
     def __call__(self, images, labels) -> None:
         self.i += 1
         t = self.trainer
-        x, y = t.augment(images, labels, step_seed=mix_seed(0, 0, self.i, t.rank))
+        x, y = t.task.augment(images, labels, step_seed=mix_seed(0, 0, self.i, t.rank))
         with self.autocast:
             out = self.model(x)
-        t.criterion(out.float(), y).backward()
+        t.task.criterion(out.float(), y).backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.cfg.optim.clip_grad, foreach=True)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -200,6 +201,49 @@ def held_bytes(engine) -> dict:
     return out
 
 
+class PeakTensorBytes(TorchDispatchMode):
+    """The peak of tensor bytes alive during the ops inside `with` (on the CPU, where there is no
+    max_memory_allocated): every op's new outputs count until their tensor is freed, on top of `base` (what
+    the engine holds before). Views and in-place results share a storage already counted: not counted again."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        self.live = self.peak = base
+        self._storages: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                key, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if key and key not in self._storages:
+                    self._storages[key] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(t, self._free, key)
+        return out
+
+    def _free(self, key: int) -> None:
+        self.live -= self._storages.pop(key, 0)
+
+
+def peak_bytes_of_step(engine, x: torch.Tensor) -> int:
+    """Peak tensor memory of one forward/backward/step on this rank: CUDA's allocator peak, or on the CPU
+    the live tensors counted op by op (PeakTensorBytes) on top of what the engine holds before."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = sum(held_bytes(engine).values())
+    with PeakTensorBytes(base) as counter:
+        loss = engine(x).float().logsumexp(1).mean()
+        engine.backward(loss)
+        engine.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return counter.peak
+
+
 def memory(a) -> None:
     import deepspeed
     from pretrain.config import ModelSection
@@ -210,19 +254,20 @@ def memory(a) -> None:
         for stage in a.stages:
             cfg = TrainConfig(model=ModelSection(variant=variant, num_classes=21841))
             cfg.optim.global_batch, cfg.optim.micro_batch, cfg.optim.zero_stage = world, 1, stage
+            cfg.deepspeed = json.loads(a.ds)
             model = model_from_section(cfg.model)
             n = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
             x = torch.randn(1, 3, 224, 224, dtype=torch.bfloat16, device=engine.device)
-            loss = engine(x).float().logsumexp(1).mean()
-            engine.backward(loss)
-            engine.step()
+            peak = peak_bytes_of_step(engine, x)  # the first step: the optimizer states are created in it
+            peak = max(peak, peak_bytes_of_step(engine, x))
             held = held_bytes(engine)
             if rank == 0:
-                print(json.dumps({"variant": variant, "params": n, "zero_stage": stage, "world": world,
+                print(json.dumps({"variant": variant, "params": n, "zero_stage": stage, "world": world, "ds": a.ds,
                                   **{k: v / 2**30 for k, v in held.items()},
-                                  "total_gib": sum(held.values()) / 2**30}), flush=True)
+                                  "held_after_step_gib": sum(held.values()) / 2**30,
+                                  "peak_during_step_gib": peak / 2**30}), flush=True)
             del engine, model, opt
             dist.barrier()
 

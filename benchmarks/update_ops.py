@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pretrain.config import load_config
 from pretrain.models import build_model
-from pretrain.training.backend import build_backend
+from pretrain.training.build import build_backend
 from pretrain.training.metrics import OpCounter
 from pretrain.training.optim import build_optimizer
 

@@ -4,23 +4,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pretrain.config import RunConfig, in_range, load_config
+from pretrain.config import RunConfig, in_range, load_config, opt
 
 
 @dataclass
 class FinetuneSection:
-    pretrained: str = ""  # our run/checkpoint dir, an exported .safetensors, an official .pth, timm weights; URL ok
-    reset_head: bool = False  # zero-initialize the classifier instead of loading/mapping it
-    allow_pickle: bool = False  # load .pth files holding more than tensors (runs pickle: trusted files only)
-    layer_decay: float = 1.0  # < 1: layer-wise lr decay (deeper blocks get larger lr)
-    ema_decay: float = 0.0  # > 0: keep an EMA of the weights, evaluated and exported beside the model
+    pretrained: str = opt("", (
+        "our run/checkpoint dir, an exported .safetensors, an official .pth, timm weights; URL ok"))
+    reset_head: bool = opt(False, "zero-initialize the classifier instead of loading/mapping it")
+    allow_pickle: bool = opt(False, "load .pth files holding more than tensors (runs pickle: trusted files only)")
+    layer_decay: float = opt(1.0, "< 1: layer-wise lr decay (deeper blocks get larger lr)")
+    ema_decay: float = opt(0.0, "> 0: keep an EMA of the weights, evaluated and exported beside the model")
 
 
 @dataclass
 class FinetuneConfig(RunConfig):
     """A fine-tuning run: the same loop as pretraining, accelerate (DDP) by default."""
-    run_dir: str = "runs/finetune"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
-    backend: str = "accelerate"  # accelerate (DDP) | deepspeed (ZeRO, e.g. Swin-L at 384)
+    run_dir: str = opt("runs/finetune", "config.json, metrics.jsonl, tb/, checkpoints/, export/")
+    backend: str = opt("accelerate", "accelerate (DDP) | deepspeed (ZeRO, e.g. Swin-L at 384)")
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
     def checks(self) -> list[tuple[bool, str]]:

@@ -11,7 +11,6 @@
 5. evaluates, prints top-1 and where everything is, and draws the loss/accuracy curves to a PNG.
 A second run reuses the images, the shards and finished checkpoints.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ import sys
 
 import torch
 
+from pretrain import cli
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 
@@ -60,13 +60,17 @@ def plot(pre_dir: str, ft_dir: str, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.parser("python launch/demo.py", __doc__)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=0, help="stop pretraining after N updates (0: config)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (0: config)")
     p.add_argument("--out", default="runs", help="where data and runs go")
     p.add_argument("--arch", choices=["v1", "v2"], default="v1", help="Swin (v1) or Swin V2")
     a = p.parse_args(argv)
+    return cli.run(lambda: demo(a), show_result=False)
+
+
+def demo(a) -> int:
     out = a.out.rstrip("/")
     images, shards = f"{out}/data/images", f"{out}/data/shards"
     name = "swin_tiny_cpu" if a.arch == "v1" else "swinv2_tiny_cpu"

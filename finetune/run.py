@@ -7,19 +7,19 @@
 
 Without --config: configs/finetune/swin_b_22kto1k_{384 or 224}.json. The window defaults to res/32.
 """
-import argparse
 import os
 import sys
+from typing import Optional
 
 from finetune.config import load_finetune_config, missing_inputs, revalidate, with_flags
+from pretrain import cli
 from pretrain.config import ConfigError
-from pretrain.train import run_cli
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune")
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse(argv=None):
+    p = cli.parser("python -m finetune.run", __doc__, config=True)
     p.add_argument("--res", type=int, help="input resolution (default: the config's)")
     p.add_argument("--window", type=int, help="attention window (default: res/32, so 12 at 384)")
     p.add_argument("--pretrained", help="our run dir or export, an official .pth, timm weights; path or URL")
@@ -28,18 +28,16 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (all processes)")
-    p.add_argument("--config", help="JSON config (configs/finetune/*.json)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--output", help="run dir (checkpoints, metrics, export)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the weights at --res and stop")
     p.add_argument("--allow-random-head", action="store_true",
                    help="--eval-only: evaluate even when the weights have no head for --num-classes (chance)")
     p.add_argument("--resume", choices=["auto"], help="continue the run in --output from its newest checkpoint")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None, faults=None) -> int:
+    """`faults`: a pretrain.training.Faults, for tests (tests/faulty_train.py)."""
     a = parse(argv)
     config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
 
@@ -54,8 +52,8 @@ def main(argv=None) -> int:
         from pretrain.training import Trainer
         if a.eval_only:
             return evaluate_only(cfg, bool(a.resume), a.allow_random_head)
-        return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg)).fit()
-    return run_cli(job)
+        return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg), faults=faults).fit()
+    return cli.run(job)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,17 @@
 window), layer-wise lr decay, an EMA, and the export of the result."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 
-from pretrain.checkpoint import load_pretrained, pretrained_windows_of, stage_windows
-from pretrain.config import ConfigError, ModelSection, from_dict
+from pretrain.cli import print0
+from pretrain.config import ConfigError
 from pretrain.models import config_from_section, model_from_section
-from pretrain.release import export_layouts
-from pretrain.training import Stage, Trainer
-from pretrain.training.checkpointing import latest_or_fail, load_run_weights, read_state, resolve_tag
+from pretrain.training import Stage, Trainer, evaluate_weights
+from pretrain.training.checkpointing import (latest_or_fail, load_run_weights, read_state, resolve_tag,
+                                             saved_model_section)
+from pretrain.weights import export_layouts, load_pretrained, pretrained_windows_of, stage_windows
 
 from .config import FinetuneConfig
 
@@ -34,30 +34,24 @@ def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
         return
     if "://" not in source and os.path.isdir(source):
         ckpt_dir, tag = resolve_tag(source)
-        with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
-            c = config_from_section(from_dict(ModelSection, json.load(f)["model"], "model."))
+        c = config_from_section(saved_model_section(ckpt_dir, tag, warn=print0))
         windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"
     else:
         windows, where = pretrained_windows_of(source, allow_pickle=cfg.finetune.allow_pickle), source
     if not windows:
-        _print0(f"note: {source} does not say which windows its position bias was trained at; set "
+        print0(f"note: {source} does not say which windows its position bias was trained at; set "
                 "model.pretrained_window_sizes (the V2 fine-tune recipe: 12,12,12,6 after 192 px / window 12)")
         return
     m.pretrained_window_sizes = list(windows)
-    _print0(f"model.pretrained_window_sizes = {list(windows)} (from {where})")
-
-
-def _print0(msg: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(msg, flush=True)
+    print0(f"model.pretrained_window_sizes = {list(windows)} (from {where})")
 
 
 def load_weights(cfg: FinetuneConfig, model: torch.nn.Module):
     ft = cfg.finetune
-    _print0(f"weights: {ft.pretrained}")
+    print0(f"weights: {ft.pretrained}")
     report = load_pretrained(model, resolve_pretrained(ft.pretrained), reset_head=ft.reset_head,
                              allow_pickle=ft.allow_pickle)
-    _print0(str(report))
+    print0(str(report))
     return report
 
 
@@ -75,7 +69,7 @@ def export_finetuned(trainer: Trainer, tag: str) -> None:
         net = model_from_section(cfg.model)
         net.load_state_dict(state, strict=True)
         for written in export_layouts(net, os.path.join(out, name)):
-            _print0(f"wrote {written}")
+            print0(f"wrote {written}")
 
 
 def finetune_stage(cfg: FinetuneConfig) -> Stage:
@@ -101,15 +95,10 @@ def evaluate_only(cfg: FinetuneConfig, resume: bool, allow_random_head: bool = F
             return
         tag = latest_or_fail(cfg.checkpoint_dir)
         model.load_state_dict(load_run_weights(cfg.checkpoint_dir, tag), strict=True)
-        _print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")
+        print0(f"weights from {os.path.join(cfg.checkpoint_dir, tag)}")
 
     derive_pretrained_windows(cfg, cfg.checkpoint_dir if resume else "")  # resume: what the run trained with
-    stage = Stage(name="evaluation", init_weights=weights)
-    trainer = Trainer(cfg, resume=None, stage=stage, training=False)
-    try:
-        m = trainer.evaluate()
-    finally:
-        trainer.val_loader.close()
-    _print0(f"eval at {cfg.model.img_size}px, window {cfg.model.window_size}: top-1 {m['val_top1']:.2f}%  "
+    m = evaluate_weights(cfg, weights)
+    print0(f"eval at {cfg.model.img_size}px, window {cfg.model.window_size}: top-1 {m['val_top1']:.2f}%  "
             f"top-5 {m['val_top5']:.2f}%  ({m['val_samples']} images)")
     return {k.removeprefix("val_"): v for k, v in m.items()}

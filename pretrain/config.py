@@ -5,6 +5,7 @@ checked on load (unknown keys, wrong types, inconsistent batch sizes are errors 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -23,27 +24,51 @@ class ConfigError(ValueError):
     pass
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config key: its default and its help, which docs/config.md is generated from."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def derived(default: Any, source: str) -> Any:
+    """A field set from another key (`source`), never from a config file: naming it there is an error."""
+    return field(default=default, metadata={"derived": source})
+
+
 @dataclass
 class AugConfig:
     """Official Swin recipe defaults."""
-    img_size: int = 224  # set from model.img_size
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null: off
-    color_jitter: float = 0.4  # timm applies it only when auto_augment is off
-    interpolation: str = "bicubic"  # resize interpolation (timm names)
-    hflip: float = 0.5  # horizontal flip probability
-    re_prob: float = 0.25  # random erasing probability (on the device)
-    mixup: float = 0.8  # Mixup alpha; 0 with cutmix 0 turns mixing off
-    cutmix: float = 1.0  # CutMix alpha
-    mixup_prob: float = 1.0  # probability of mixing a batch
-    mixup_switch_prob: float = 0.5  # probability of CutMix instead of Mixup when both are on
-    label_smoothing: float = 0.1  # on the (mixed) targets
-    eval_crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
-    eval_crop: bool = True  # False: resize straight to img_size (the official 384 fine-tune evaluation)
-    # Per sample from the random crop in training (DecodeRandomResizedCrop), from the resize in evaluation.
-    draft_decode: bool = True  # decode JPEGs at a reduced DCT scale where the result stays >= the output size
-    jpeg_roi: str = "auto"  # training: decode only the crop (libjpeg-turbo): auto, on (required) or off
-    mean: tuple = IMAGENET_DEFAULT_MEAN  # normalization, on the device
-    std: tuple = IMAGENET_DEFAULT_STD  # normalization, on the device
+    img_size: int = derived(224, "model.img_size")
+    auto_augment: Optional[str] = opt("rand-m9-mstd0.5-inc1", "timm RandAugment spec; null: off")
+    color_jitter: Optional[float] = opt(None, (
+        "ColorJitter strength, only with auto_augment null (timm applies it only without RandAugment); "
+        "null: 0.4, the official value"))
+    interpolation: str = opt("bicubic", "resize interpolation (timm names)")
+    hflip: float = opt(0.5, "horizontal flip probability")
+    re_prob: float = opt(0.25, "random erasing probability (on the device)")
+    mixup: float = opt(0.8, "Mixup alpha; 0 with cutmix 0 turns mixing off")
+    cutmix: float = opt(1.0, "CutMix alpha")
+    mixup_prob: float = opt(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = opt(0.5, "probability of CutMix instead of Mixup when both are on")
+    label_smoothing: float = opt(0.1, "on the (mixed) targets")
+    eval_crop: bool = opt(True, "False: resize straight to img_size (the official 384 fine-tune evaluation)")
+    eval_crop_pct: Optional[float] = opt(None, (
+        "with eval_crop true only: resize to img_size / crop_pct, then center crop; null: 0.875"))
+    draft_decode: bool = opt(True, (
+        "decode JPEGs at a reduced DCT scale where the result stays >= the output size (per sample: from the "
+        "random crop in training, from the resize in evaluation)"))
+    jpeg_roi: str = opt("auto", "training: decode only the crop (libjpeg-turbo): auto, on (required) or off")
+    mean: tuple = opt(IMAGENET_DEFAULT_MEAN, "normalization, on the device")
+    std: tuple = opt(IMAGENET_DEFAULT_STD, "normalization, on the device")
+
+    @property
+    def jitter(self) -> float:
+        return 0.4 if self.color_jitter is None else self.color_jitter
+
+    @property
+    def crop_pct(self) -> float:
+        return 0.875 if self.eval_crop_pct is None else self.eval_crop_pct
 
 
 ATTN_IMPLS = ("auto", "sdpa", "flex", "math")  # = pretrain.models.layers.ATTN_IMPLS (tested)
@@ -52,73 +77,75 @@ VARIANTS = tuple(VARIANT_SHAPES)
 
 @dataclass
 class ModelSection:
-    variant: str = "swin_base"  # swin_tiny | swin_small | swin_base | swin_large | swinv2_tiny ... swinv2_large
-    img_size: int = 224  # input resolution (square)
-    window_size: int = 7  # attention window; shrinks to a stage's resolution where that is smaller
-    num_classes: int = 21841  # classifier outputs; 0 builds a feature extractor
-    drop_path_rate: float = 0.2  # stochastic depth at the last block (linear from 0)
-    ape: bool = False  # absolute position embedding (off in all released Swin models)
-    grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~30% more compute)
-    attn_impl: str = "auto"  # auto (sdpa on CUDA, math elsewhere) | sdpa | flex (FlexAttention, CUDA) | math
-    compile: Union[bool, str] = "auto"  # torch.compile the model in the engine: auto (on for CUDA, off on CPU) | true | false
-    compile_cache: str = ""  # persistent inductor/Triton cache, so a requeued job compiles fast; "": <run_dir>/compile_cache
-    embed_dim: Optional[int] = None  # with depths and num_heads: a custom architecture instead of the variant's
-    depths: Optional[list[int]] = None  # blocks per stage, e.g. [2, 2, 18, 2]
-    num_heads: Optional[list[int]] = None  # attention heads per stage, e.g. [4, 8, 16, 32]
-    # Swin V2: per stage, the window its position bias was trained at (0: none); fine-tuning derives it from
-    # the checkpoint when not given
-    pretrained_window_sizes: Optional[list[int]] = None
+    variant: str = opt("swin_base", "swin_tiny | swin_small | swin_base | swin_large | swinv2_tiny ... swinv2_large")
+    img_size: int = opt(224, "input resolution (square)")
+    window_size: int = opt(7, "attention window; shrinks to a stage's resolution where that is smaller")
+    num_classes: int = opt(21841, "classifier outputs; 0 builds a feature extractor")
+    drop_path_rate: float = opt(0.2, "stochastic depth at the last block (linear from 0)")
+    ape: bool = opt(False, "absolute position embedding (off in all released Swin models)")
+    grad_checkpointing: bool = opt(False, "recompute each block in backward (less memory, ~30% more compute)")
+    attn_impl: str = opt("auto", "auto (sdpa on CUDA, math elsewhere) | sdpa | flex (FlexAttention, CUDA) | math")
+    compile: Union[bool, str] = opt("auto", (
+        "torch.compile the model in the engine: auto (on for CUDA, off on CPU) | true | false"))
+    compile_cache: str = opt("", (
+        "persistent inductor/Triton cache, so a requeued job compiles fast; \"\": <run_dir>/compile_cache"))
+    embed_dim: Optional[int] = opt(None, "with depths and num_heads: a custom architecture instead of the variant's")
+    depths: Optional[list[int]] = opt(None, "blocks per stage, e.g. [2, 2, 18, 2]")
+    num_heads: Optional[list[int]] = opt(None, "attention heads per stage, e.g. [4, 8, 16, 32]")
+    pretrained_window_sizes: Optional[list[int]] = opt(None, (
+        "Swin V2: per stage, the window its position bias was trained at (0: none); fine-tuning derives it from "
+        "the checkpoint when not given"))
 
 
 @dataclass
 class DataSection:
-    train: str = ""  # training shards: their _info.json/info.json, its folder, or 'PATTERN|COUNT' (fsspec URLs)
-    val: str = ""  # the validation shards, as data.train; empty: no evaluation
-    train_split: str = "train"  # split name in the manifest (train_12k: its alt_label), or 'PATTERN|COUNT'
-    val_split: str = "validation"  # split name in the manifest, or 'PATTERN|COUNT'
-    workers: int = 8  # DataLoader worker processes per rank
-    shuffle_buffer: int = 2000  # samples per worker shuffle buffer
-    allow_pipe: bool = False  # allow 'pipe:' shard URLs (they run a shell command)
-    max_corrupt: int = 100  # corrupt samples per rank and epoch before the run fails
-    on_bad_shard: str = "fatal"  # fatal | skip: an unreadable shard after the retries
-    retries: int = 3  # attempts to read a shard, with exponential backoff
-    start_method: str = "auto"  # DataLoader workers: auto (the platform's default) | fork | spawn | forkserver
+    train: str = opt("", "training shards: their _info.json/info.json, its folder, or 'PATTERN|COUNT' (fsspec URLs)")
+    val: str = opt("", "the validation shards, as data.train; empty: no evaluation")
+    train_split: str = opt("train", "split name in the manifest (train_12k: its alt_label), or 'PATTERN|COUNT'")
+    val_split: str = opt("validation", "split name in the manifest, or 'PATTERN|COUNT'")
+    workers: int = opt(8, "DataLoader worker processes per rank")
+    shuffle_buffer: int = opt(2000, "samples per worker shuffle buffer")
+    allow_pipe: bool = opt(False, "allow 'pipe:' shard URLs (they run a shell command)")
+    max_corrupt: int = opt(100, "corrupt samples per rank and epoch before the run fails")
+    on_bad_shard: str = opt("fatal", "fatal | skip: an unreadable shard after the retries")
+    retries: int = opt(3, "attempts to read a shard, with exponential backoff")
+    start_method: str = opt("auto", "DataLoader workers: auto (the platform's default) | fork | spawn | forkserver")
 
 
 @dataclass
 class OptimSection:
-    global_batch: int = 4096  # images per optimizer update, all ranks together
-    micro_batch: int = 64  # images per rank per forward/backward
-    epochs: int = 90  # training length
-    warmup_epochs: float = 5.0  # linear warm-up from warmup_lr, then cosine to min_lr
-    max_steps: int = 0  # stop after this many optimizer updates (0: run all epochs)
-    base_lr: float = 1.25e-4  # per lr_scale_batch images; scaled linearly with global_batch
-    warmup_lr: float = 1.25e-7  # per lr_scale_batch images, scaled like base_lr
-    min_lr: float = 1.25e-6  # per lr_scale_batch images, scaled like base_lr
-    lr_scale_batch: int = 512  # the batch size base_lr, warmup_lr and min_lr are given for
-    weight_decay: float = 0.05  # AdamW; not on norms, biases, position tables
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
-    clip_grad: float = 5.0  # set explicitly: DeepSpeed >= 0.19.3 defaults to 1.0
-    precision: str = "bf16"  # bf16 | fp16 | fp32
-    zero_stage: Optional[int] = None  # DeepSpeed ZeRO stage 0..3 (default 1); only with backend "deepspeed"
-    max_nonfinite: int = 10  # this many non-finite losses in a row stop the run
+    global_batch: int = opt(4096, "images per optimizer update, all ranks together")
+    micro_batch: int = opt(64, "images per rank per forward/backward")
+    epochs: int = opt(90, "training length")
+    warmup_epochs: float = opt(5.0, "linear warm-up from warmup_lr, then cosine to min_lr")
+    max_steps: int = opt(0, "stop after this many optimizer updates (0: run all epochs)")
+    base_lr: float = opt(1.25e-4, "per lr_scale_batch images; scaled linearly with global_batch")
+    warmup_lr: float = opt(1.25e-7, "per lr_scale_batch images, scaled like base_lr")
+    min_lr: float = opt(1.25e-6, "per lr_scale_batch images, scaled like base_lr")
+    lr_scale_batch: int = opt(512, "the batch size base_lr, warmup_lr and min_lr are given for")
+    weight_decay: float = opt(0.05, "AdamW; not on norms, biases, position tables")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    eps: float = opt(1e-8, "AdamW epsilon")
+    clip_grad: float = opt(5.0, "set explicitly: DeepSpeed >= 0.19.3 defaults to 1.0")
+    precision: str = opt("bf16", "bf16 | fp16 | fp32")
+    zero_stage: Optional[int] = opt(None, "DeepSpeed ZeRO stage 0..3 (default 1); only with backend \"deepspeed\"")
+    max_nonfinite: int = opt(10, "this many non-finite losses in a row stop the run")
 
 
 @dataclass
 class CheckpointSection:
-    dir: str = ""  # default: <run_dir>/checkpoints (any local path)
-    every_steps: int = 1000  # checkpoint every N updates (and at every epoch end)
-    keep: int = 3  # complete checkpoints kept
-    term_save_budget_s: float = 20.0  # on SIGTERM, save only if the last save took less (Slurm KillWait: 30 s)
+    dir: str = opt("", "default: <run_dir>/checkpoints (any local path)")
+    every_steps: int = opt(1000, "checkpoint every N updates (and at every epoch end)")
+    keep: int = opt(3, "complete checkpoints kept")
+    term_save_budget_s: float = opt(20.0, "on SIGTERM, save only if the last save took less (Slurm KillWait: 30 s)")
 
 
 @dataclass
 class LogSection:
-    every_steps: int = 10  # metrics every N updates (metrics.jsonl, TensorBoard, progress bar)
-    eval_every_steps: int = 0  # 0: at the end of every epoch
-    tensorboard: bool = True  # also write <run_dir>/tb
-    progress: bool = True  # progress bar on rank 0
+    every_steps: int = opt(10, "metrics every N updates (metrics.jsonl, TensorBoard, progress bar)")
+    eval_every_steps: int = opt(0, "0: at the end of every epoch")
+    tensorboard: bool = opt(True, "also write <run_dir>/tb")
+    progress: bool = opt(True, "progress bar on rank 0")
 
 
 BACKENDS = ("deepspeed", "accelerate")
@@ -127,12 +154,13 @@ BACKENDS = ("deepspeed", "accelerate")
 @dataclass
 class RunConfig:
     """The sections a pretraining and a fine-tuning run share (one training loop runs both)."""
-    run_dir: str = "runs/pretrain"  # config.json, metrics.jsonl, tb/, checkpoints/, export/
-    seed: int = 0  # data order, augmentation and initialization
-    recipe: str = ""  # where the values come from (e.g. the official config file); recorded, not used
-    backend: str = "deepspeed"  # deepspeed (ZeRO; pretraining's default) | accelerate (DDP; fine-tuning's default)
-    dist_timeout_s: int = 600  # a collective waiting longer (a dead rank) fails the job instead of hanging
-    deepspeed: dict = field(default_factory=dict)  # merged into the generated DeepSpeed config (backend deepspeed)
+    run_dir: str = opt("runs/pretrain", "config.json, metrics.jsonl, tb/, checkpoints/, export/")
+    seed: int = opt(0, "data order, augmentation and initialization")
+    recipe: str = opt("", "where the values come from (e.g. the official config file); recorded, not used")
+    backend: str = opt("deepspeed", "deepspeed (ZeRO; pretraining's default) | accelerate (DDP; fine-tuning's default)")
+    dist_timeout_s: int = opt(600, "a collective waiting longer (a dead rank) fails the job instead of hanging")
+    deepspeed: dict = field(default_factory=dict, metadata={"help": (
+        "merged into the generated DeepSpeed config (backend deepspeed)")})
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -141,7 +169,10 @@ class RunConfig:
     log: LogSection = field(default_factory=LogSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every key a config file may hold (derived fields, set from another key, are left out)."""
+        d = dataclasses.asdict(self)
+        d["aug"].pop("img_size")
+        return d
 
     @property
     def checkpoint_dir(self) -> str:
@@ -221,6 +252,9 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
     kwargs = {}
     for k, v in data.items():
+        if "derived" in fields[k].metadata:
+            raise ConfigError(f"{prefix}{k} is set from {fields[k].metadata['derived']}: remove {prefix}{k} and set "
+                              f"{fields[k].metadata['derived']}")
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             kwargs[k] = from_dict(tp, v, f"{prefix}{k}.")
@@ -255,6 +289,8 @@ def read_config(cls: type, path: Optional[str] = None, overrides: list[str] = ()
         try:
             with open(path) as f:
                 data = json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config {path} does not exist: give a JSON config (configs/ holds the shipped ones)") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
     for o in overrides:
@@ -311,7 +347,10 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         one_of(d.on_bad_shard, "data.on_bad_shard", ("fatal", "skip")),
         one_of(d.start_method, "data.start_method", ("auto", "fork", "spawn", "forkserver")),
         one_of(a.jpeg_roi, "aug.jpeg_roi", ("auto", "on", "off")),
-        in_range(a.color_jitter, "aug.color_jitter", 0),
+        in_range(a.jitter, "aug.color_jitter", 0),
+        (a.color_jitter is None or a.auto_augment is None,
+         f"aug.color_jitter={a.color_jitter} acts nowhere with aug.auto_augment={a.auto_augment!r} (timm applies "
+         "ColorJitter only without RandAugment): remove aug.color_jitter, or set aug.auto_augment=null"),
         in_range(a.hflip, "aug.hflip", 0, 1),
         in_range(a.re_prob, "aug.re_prob", 0, 1),
         in_range(a.mixup, "aug.mixup", 0),
@@ -319,14 +358,15 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(a.mixup_prob, "aug.mixup_prob", 0, 1),
         in_range(a.mixup_switch_prob, "aug.mixup_switch_prob", 0, 1),
         in_range(a.label_smoothing, "aug.label_smoothing", 0, 1, hi_open=True),
-        in_range(a.eval_crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
+        in_range(a.crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
+        (a.eval_crop_pct is None or a.eval_crop,
+         f"aug.eval_crop_pct={a.eval_crop_pct} acts nowhere with aug.eval_crop=false (the evaluation resizes "
+         "straight to img_size): remove aug.eval_crop_pct, or set aug.eval_crop=true"),
         one_of(a.interpolation, "aug.interpolation", INTERPOLATIONS),
         (len(a.mean) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a.mean),
          f"aug.mean must be 3 numbers (R, G, B), got {list(a.mean)}"),
         (len(a.std) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in a.std),
          f"aug.std must be 3 numbers > 0 (R, G, B), got {list(a.std)}"),
-        (a.img_size in (224, m.img_size), f"aug.img_size={a.img_size} differs from "
-                                          f"model.img_size={m.img_size}: set model.img_size only"),
         in_range(o.global_batch, "optim.global_batch", 1),
         in_range(o.micro_batch, "optim.micro_batch", 1),
         (o.global_batch % max(o.micro_batch, 1) == 0,
@@ -444,19 +484,6 @@ def validate(cfg: RunConfig) -> None:
 
 # ------------------------------------------------------------------------------------ reference docs
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # comment` lines of a dataclass's source: the comment is the key's help."""
-    import inspect
-    import re
-    out = {}
-    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
-        for line in inspect.getsource(klass).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+(?:= .*?)?\s+# (.*)$", line)
-            if m:
-                out[m[1]] = m[2].strip()
-    return out
-
-
 # Keys that act only in some runs (the "applies to" column of docs/config.md); every other key acts in both
 # stages, on either backend. A key that would act nowhere in a run is an error there (run_checks).
 APPLIES = {"optim.zero_stage": "backend deepspeed", "deepspeed": "backend deepspeed",
@@ -477,17 +504,16 @@ def reference_markdown(extra: tuple = ()) -> str:
 
     def section(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
-        comments = _field_comments(cls)
         rows = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            if dataclasses.is_dataclass(tp):
+            if dataclasses.is_dataclass(tp) or "derived" in f.metadata:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             tname = str(tp).replace("typing.", "") if typing.get_origin(tp) else tp.__name__
             key = f"{prefix}{f.name}"
             applies = APPLIES.get(key) or APPLIES.get(prefix) or "both stages"
-            meaning = comments.get(f.name, "").replace("|", "\\|")  # a table cell
+            meaning = f.metadata.get("help", "").replace("|", "\\|")  # a table cell
             rows.append(f"| `{key}` | {tname} | `{json.dumps(default)}` | {applies} | {meaning} |")
         if rows:
             lines.extend([f"## `{prefix.rstrip('.') or 'top level'}`", "",

@@ -10,17 +10,14 @@ window with the checkpoint's pretrained windows (read off it, or --pretrained-wi
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 
-from .checkpoint import (LAYOUTS, CheckpointError, config_from_checkpoint, export, load_pretrained,
-                         pretrained_windows_of)
-from .models import model_from_config
+from . import cli
+from .weights import LAYOUTS, convert_checkpoint
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pretrain.convert", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None):
+    p = cli.parser("python -m pretrain.convert", __doc__)
     p.add_argument("src", help="checkpoint path or fsspec URL (official .pth, timm, ours)")
     p.add_argument("dst", help="output path or fsspec URL; .safetensors or .pth")
     p.add_argument("--layout", choices=LAYOUTS, required=True)
@@ -36,30 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = config_from_checkpoint(args.src, allow_pickle=args.allow_pickle, window_size=args.window_size)
-        changes = {}
-        if cfg.version == 2:
-            windows = args.pretrained_window_sizes or pretrained_windows_of(args.src, allow_pickle=args.allow_pickle)
-            if windows:
-                changes["pretrained_window_sizes"] = tuple(windows)
-        if args.img_size:
-            changes["img_size"] = tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
-        if args.window_size:
-            changes["window_size"] = args.window_size
-        if args.num_classes is not None:
-            changes["num_classes"] = args.num_classes
-        model = model_from_config(dataclasses.replace(cfg, **changes))
-        report = load_pretrained(model, args.src, reset_head=args.reset_head, allow_pickle=args.allow_pickle)
-        export(model, args.dst, layout=args.layout)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report)
-    print(f"wrote {args.dst} (layout: {args.layout}; img_size {model.cfg.img_size}, "
-          f"window {model.cfg.window_size}, {model.cfg.num_classes} classes)")
-    return 0
+    a = parse_args(argv)
+
+    def job() -> None:
+        model, report = convert_checkpoint(a.src, a.dst, a.layout, img_size=a.img_size, window_size=a.window_size,
+                                           num_classes=a.num_classes, pretrained_window_sizes=a.pretrained_window_sizes,
+                                           reset_head=a.reset_head, allow_pickle=a.allow_pickle)
+        print(report)
+        print(f"wrote {a.dst} (layout: {a.layout}; img_size {model.cfg.img_size}, window {model.cfg.window_size}, "
+              f"{model.cfg.num_classes} classes)")
+    return cli.run(job)
 
 
 if __name__ == "__main__":

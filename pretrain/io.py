@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
+from typing import Optional
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -42,3 +43,10 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+def write_safetensors(url: str, state: dict, metadata: Optional[dict[str, str]] = None) -> None:
+    """A state dict as a safetensors file (CPU, contiguous), written atomically: the one writer of
+    exports, run checkpoints and EMA files."""
+    from safetensors.torch import save
+    write_bytes_atomic(url, save({k: v.detach().contiguous().cpu() for k, v in state.items()}, metadata=metadata))

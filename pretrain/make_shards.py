@@ -8,16 +8,14 @@
 SRC: a folder of class folders (fall11_whole/<wnid>/*.JPEG), a folder of <wnid>.tar archives, or parquet
 file(s) with image bytes and a label column. OUT: a local path or fsspec URL (s3://, gs://, ...).
 """
-import argparse
 import json
 import sys
 
-from .data.loader import DataError
-from .data.shards import WriteOptions, verify_shards, write_shards
+from . import cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pretrain.make_shards", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m pretrain.make_shards", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="write shards + manifest (resumable)")
     w.add_argument("src")
@@ -37,30 +35,30 @@ def main(argv=None) -> int:
     v = sub.add_parser("verify", help="check shards against _info.json")
     v.add_argument("out")
     a = p.parse_args(argv)
-    if a.cmd == "write":
-        opts = WriteOptions(src=a.src, out=a.out, val_per_class=a.val_per_class,
-                            samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
-                            max_side=a.max_side, seed=a.seed, quality=a.quality, workers=a.workers,
-                            image_column=a.image_column, label_column=a.label_column,
-                            start_method=a.start_method)
-        try:
-            summary = write_shards(opts, progress=not a.no_progress)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(summary, indent=1))
-        if summary["empty_classes"]:
-            print(f"empty class folder(s) {', '.join(summary['empty_classes'])}: kept with no images so that the "
-                  f"classes after them keep their indices (see {a.out.rstrip('/')}/_errors.json)", file=sys.stderr)
-        if summary["skipped_inputs"]:
-            print(f"{summary['skipped_inputs']} input(s) skipped: see {a.out.rstrip('/')}/_errors.json",
-                  file=sys.stderr)
-        return 0
-    try:
-        report = verify_shards(a.out)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: write(a) if a.cmd == "write" else verify(a.out))
+
+
+def write(a) -> int:
+    from .data.shards import WriteOptions, write_shards
+    opts = WriteOptions(src=a.src, out=a.out, val_per_class=a.val_per_class,
+                        samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
+                        max_side=a.max_side, seed=a.seed, quality=a.quality, workers=a.workers,
+                        image_column=a.image_column, label_column=a.label_column,
+                        start_method=a.start_method)
+    summary = write_shards(opts, progress=not a.no_progress)
+    print(json.dumps(summary, indent=1))
+    if summary["empty_classes"]:
+        print(f"empty class folder(s) {', '.join(summary['empty_classes'])}: kept with no images so that the "
+              f"classes after them keep their indices (see {a.out.rstrip('/')}/_errors.json)", file=sys.stderr)
+    if summary["skipped_inputs"]:
+        print(f"{summary['skipped_inputs']} input(s) skipped: see {a.out.rstrip('/')}/_errors.json",
+              file=sys.stderr)
+    return 0
+
+
+def verify(out: str) -> int:
+    from .data.shards import verify_shards
+    report = verify_shards(out)
     print(json.dumps(report, indent=1))
     return 1 if report["bad_shards"] else 0
 

@@ -74,8 +74,6 @@ class Placement:
     rank: int
     local_rank: int
     world_size: int
-    node_rank: int
-    nodes: list[str]
     master_addr: str
     master_port: int
 
@@ -97,9 +95,8 @@ def placement(env: Mapping[str, str] = os.environ) -> Placement:
     nnodes = int(env.get("SLURM_NNODES", len(nodes)))
     if nnodes != len(nodes):
         raise SlurmEnvError(f"SLURM_NNODES={nnodes} but SLURM_JOB_NODELIST lists {len(nodes)} hosts")
-    node_rank = int(env.get("SLURM_NODEID", rank * len(nodes) // world))
     port = int(env.get("MASTER_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
-    return Placement(rank, local, world, node_rank, nodes, env.get("MASTER_ADDR") or nodes[0], port)
+    return Placement(rank, local, world, env.get("MASTER_ADDR") or nodes[0], port)
 
 
 def init_env_from_slurm(env=os.environ) -> Optional[Placement]:
@@ -111,28 +108,6 @@ def init_env_from_slurm(env=os.environ) -> Optional[Placement]:
     env.update(RANK=str(p.rank), LOCAL_RANK=str(p.local_rank), WORLD_SIZE=str(p.world_size),
                MASTER_ADDR=p.master_addr, MASTER_PORT=str(p.master_port))
     return p
-
-
-class PreemptionFlag:
-    """Records USR1 (Slurm's warning before the time limit or preemption) and TERM; the trainer polls it
-    at step boundaries and agrees across ranks before acting."""
-
-    USR1, TERM = 1, 2
-
-    def __init__(self):
-        self.value = 0
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig, code in ((signal.SIGUSR1, self.USR1), (signal.SIGTERM, self.TERM)):
-            self._previous[sig] = signal.signal(sig, lambda s, f, c=code: self._set(c))
-
-    def _set(self, code: int) -> None:
-        self.value = max(self.value, code)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def requeue() -> bool:

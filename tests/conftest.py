@@ -63,12 +63,21 @@ def _run(cmd: list[str], env, wait: bool):
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=600)
 
 
-def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, port_offset: int = 0):
+def entry(app: str, faults: dict | None) -> list[str]:
+    """The script a launcher starts: the documented one, or tests/faulty_train.py with `faults` handed to
+    the entry point's main() (pretrain.training.Faults fields: nan, sleep_s, crash_in_save)."""
+    if faults is None:
+        return ["launch/pretrain.py" if app == "pretrain" else "finetune/run.py"]
+    return ["tests/faulty_train.py", app, "--faults", json.dumps(faults, separators=(",", ":"))]
+
+
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, port_offset: int = 0,
+           faults: dict | None = None):
     """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command);
     `port_offset` for a second job running at the same time."""
     cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port",
            str(29500 + (os.getpid() + port_offset) % 1000),
-           "launch/pretrain.py", "--config", cfg["_path"], *args]
+           *entry("pretrain", faults), "--config", cfg["_path"], *args]
     return _run(cmd, env, wait)
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, CheckpointMismatchError, export, load_pretrained, read_checkpoint
+from pretrain.weights import CheckpointError, CheckpointMismatchError, export, load_pretrained, read_checkpoint
 from pretrain.data.loader import DataError, LoaderConfig, build_loader
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder

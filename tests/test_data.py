@@ -130,7 +130,7 @@ def test_rerun_skips_finished_shards_and_refuses_another_plan(image_folder, tmp_
     assert summary["skipped_shards"] == 7 and summary["written_images"] == 10
     assert (out / "train-000000.tar").stat().st_mtime_ns == keep
     assert verify_shards(str(out))["bad_shards"] == []
-    with pytest.raises(ValueError, match="another plan"):
+    with pytest.raises(DataError, match="another plan"):
         write_shards(WriteOptions(image_folder, str(out), samples_per_shard=11), progress=False)
 
 
@@ -308,7 +308,7 @@ def test_training_transform_output_and_batch_augment():
 
 def test_randaugment_inc1_survives_zero_bit_posterize():
     from timm.data.auto_augment import rand_augment_transform
-    from pretrain.data import transforms  # noqa: F401  (applies the Pillow >= 13 fix)
+    import pretrain.data.transforms  # noqa: F401  (applies the Pillow >= 13 fix)
     ra = rand_augment_transform("rand-m10-n1-inc1", {})
     ra.ops = [op for op in ra.ops if op.name == "PosterizeIncreasing"]
     ra.ops[0].prob = 1.0
@@ -429,3 +429,22 @@ def test_alt_label_missing_from_a_samples_json_names_the_shard_and_key(tmp_path)
         build_loader(loader_cfg(str(tmp_path), split="train_21k"), 0, 1)
     with pytest.raises(DataError, match=r"no _info.json or info.json there"):
         build_loader(loader_cfg(str(tmp_path / "nowhere")), 0, 1)
+
+
+LEFT_OPEN = """
+import sys
+from pretrain.data.loader import LoaderConfig, ShardLoader
+from pretrain.data.transforms import AugConfig
+loader = ShardLoader(LoaderConfig(sys.argv[1], batch_size=2, workers=2, aug=AugConfig(img_size=32, auto_augment=None)))
+next(iter(loader))
+print("left open", flush=True)
+"""
+
+
+def test_a_loader_left_open_does_not_hang_the_exit(shards):
+    """Workers ignore SIGTERM (Slurm's signal is the trainer's), so multiprocessing's exit-time terminate()
+    can't stop them: a loader its caller never closed (an error path, a test) once hung the interpreter's
+    exit, and with it the suite's. The exit must come (within the 60 s timeout; it takes ~1 s)."""
+    r = subprocess.run([sys.executable, "-c", LEFT_OPEN, shards], cwd=REPO, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "left open" in r.stdout, r.stderr[-2000:]

@@ -14,7 +14,7 @@ import torch
 from pretrain.config import ConfigError, load_config
 from pretrain.training.checkpointing import load_run_weights
 
-from conftest import REPO, base_config, launch, losses, ok, torchrun, write_config
+from conftest import REPO, base_config, entry, launch, losses, ok, torchrun, write_config
 
 
 def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
@@ -40,7 +40,7 @@ def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
 def check_export(run_dir: Path) -> None:
     import torch
 
-    from pretrain.checkpoint import load_pretrained
+    from pretrain.weights import load_pretrained
     from pretrain.config import TrainConfig, from_dict
     from pretrain.models import model_from_section
     r = subprocess.run([sys.executable, "launch/export.py", str(run_dir)], cwd=REPO, capture_output=True, text=True,
@@ -72,13 +72,13 @@ def test_sigkill_one_rank_then_resume_auto_matches_uninterrupted(shards, tmp_pat
     ok(launch(ref))
     want = losses(ref["run_dir"])
     cfg = base_config(shards, tmp_path / "killed", optim={"max_steps": 12})
-    proc = launch(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.4"})
+    proc = launch(cfg, wait=False, faults={"sleep_s": 0.4})
     pointer = Path(cfg["run_dir"], "checkpoints", "latest_complete")
     deadline = time.time() + 300
     while time.time() < deadline and not (pointer.exists() and pointer.read_text() == "step00000004"):
         time.sleep(0.05)
     assert pointer.exists(), proc.communicate()[0][-3000:]
-    ranks = subprocess.run(["pgrep", "-f", f"launch/pretrain.py.*{cfg['_path']}"], capture_output=True, text=True)
+    ranks = subprocess.run(["pgrep", "-f", f"faulty_train.py.*{cfg['_path']}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
     assert pids, "no rank processes found"
     os.kill(max(pids), signal.SIGKILL)  # one rank dies mid-run
@@ -99,7 +99,7 @@ def test_crash_during_save_keeps_previous_checkpoint_and_resume_needs_one(shards
     cfg = base_config(shards, tmp_path / "crash", optim={"max_steps": 10})
     nothing = launch(cfg, "--resume", "auto")
     assert nothing.returncode != 0 and "no complete checkpoint" in nothing.stdout + nothing.stderr
-    crashed = launch(cfg, env={"PRETRAIN_INJECT_CRASH_IN_SAVE": "8"})
+    crashed = launch(cfg, faults={"crash_in_save": 8})
     assert crashed.returncode != 0
     ckpt = Path(cfg["run_dir"], "checkpoints")
     assert (ckpt / "step00000008").exists() and not (ckpt / "step00000008" / "COMPLETE").exists()
@@ -138,11 +138,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
         assert abs(got[step] - want[step]) <= 1e-3 * want[step], (step, got[step], want[step])
 
 
-def launch_backend(backend: str, cfg: dict, env: dict):
-    """The documented pretraining command on 2 CPU ranks: deepspeed's launcher, or torchrun for accelerate."""
+def launch_backend(backend: str, cfg: dict, faults: dict):
+    """The pretraining command on 2 CPU ranks, with `faults`: deepspeed's launcher, or torchrun for accelerate."""
     if backend == "deepspeed":
-        return launch(cfg, env=env)
-    return torchrun(["launch/pretrain.py", "--config", cfg["_path"]], env=env)
+        return launch(cfg, faults=faults)
+    return torchrun([*entry("pretrain", faults), "--config", cfg["_path"]])
 
 
 # Each backend's loader workers under another start method than fork: the launch/ shim must survive a
@@ -152,7 +152,7 @@ def test_nan_on_one_rank_skips_the_update_on_both(shards, tmp_path, backend, met
     sections = dict(backend=backend, data={"start_method": method},
                     optim={"max_steps": 6, "zero_stage": 1 if backend == "deepspeed" else None})
     cfg = base_config(shards, tmp_path / "nan", checkpoint={"every_steps": 1, "keep": 10}, **sections)
-    r = launch_backend(backend, cfg, env={"PRETRAIN_INJECT_NAN": "3:1"})
+    r = launch_backend(backend, cfg, {"nan": [[3, 1]]})
     ok(r)
     assert f"backend {backend}" in r.stdout
     assert r.stdout.count("non-finite gradient norm at update 3: update skipped on all ranks") == 1
@@ -166,7 +166,7 @@ def test_nan_on_one_rank_skips_the_update_on_both(shards, tmp_path, backend, met
     assert all(torch.equal(w2[k], w3[k]) for k in w2), "the skipped update changed weights"
     assert any(not torch.equal(w3[k], w4[k]) for k in w3), "update 4 did not move the weights"
     stop = base_config(shards, tmp_path / "nan_stop", **{**sections, "optim": {**sections["optim"], "max_nonfinite": 2}})
-    r = launch_backend(backend, stop, env={"PRETRAIN_INJECT_NAN": "3:0,4:1"})  # rank 0, then rank 1: 2 in a row
+    r = launch_backend(backend, stop, {"nan": [[3, 0], [4, 1]]})  # rank 0, then rank 1: 2 in a row
     assert r.returncode != 0 and "2 non-finite updates in a row" in r.stdout + r.stderr
     # A user error: one line ("error: ..."), exit 2 on the ranks (torchrun adds its own report of a failed child).
     assert "raise NonFiniteLossError" not in r.stdout + r.stderr
@@ -193,13 +193,13 @@ def test_bad_configs_name_the_key(tmp_path, shards):
 
 def test_sigterm_checkpoints_and_exits_nonzero(shards, tmp_path):
     cfg = base_config(shards, tmp_path / "term", optim={"max_steps": 14}, checkpoint={"every_steps": 100})
-    proc = launch(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.4"})
+    proc = launch(cfg, wait=False, faults={"sleep_s": 0.4})
     metrics = Path(cfg["run_dir"], "metrics.jsonl")
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(losses(cfg["run_dir"])) >= 3):
         time.sleep(0.1)
     # the rank processes and their loader workers, not the launcher (as srun delivers scancel's TERM)
-    ranks = subprocess.run(["pgrep", "-f", f"launch/pretrain.py --local_rank=.*{cfg['_path']}"],
+    ranks = subprocess.run(["pgrep", "-f", f"faulty_train.py --local_rank=.*{cfg['_path']}"],
                            capture_output=True, text=True)
     assert ranks.stdout.split(), "no rank processes found"
     for pid in [int(p) for p in ranks.stdout.split()]:

@@ -12,10 +12,10 @@ import pytest
 import timm
 import torch
 
-from pretrain.checkpoint import export, load_pretrained
+from pretrain.weights import export, load_pretrained
 from pretrain.models import build_model
 
-from conftest import DEEPSPEED, REPO, losses, torchrun
+from conftest import DEEPSPEED, REPO, entry, losses, torchrun
 
 TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=8)
 
@@ -50,8 +50,8 @@ def config(tmp_path: Path, shards: str, pretrained: str, epochs: int, **sections
     return str(path)
 
 
-def run(cfg: str, *args, env=(), wait=True):
-    return torchrun(["finetune/run.py", "--config", cfg, *args], env=env, wait=wait)
+def run(cfg: str, *args, env=(), wait=True, faults: dict | None = None):
+    return torchrun([*entry("finetune", faults), "--config", cfg, *args], env=env, wait=wait)
 
 
 def records(run_dir: str) -> list[dict]:
@@ -93,13 +93,13 @@ def test_resume_after_kill_is_exact_with_drop_path_mixup_erasing_and_ema(shards,
     ema = [x for x in records(str(ref_dir / "ft")) if "val_ema_top1" in x]
     assert len(ema) == 3 and (ref_dir / "ft" / "export" / "finetuned_ema.timm.safetensors").exists()
     cfg = config(tmp_path, shards, official_ckpt, epochs=3, **NOISY)
-    proc = run(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.3"})
+    proc = run(cfg, wait=False, faults={"sleep_s": 0.3})
     pointer = tmp_path / "ft" / "checkpoints" / "latest_complete"
     deadline = time.time() + 300
     while time.time() < deadline and not (pointer.exists() and pointer.read_text() >= "step00000009"):
         time.sleep(0.05)
     assert pointer.exists(), proc.communicate()[0][-3000:]
-    ranks = subprocess.run(["pgrep", "-f", f"finetune/run.py --config {cfg}"], capture_output=True, text=True)
+    ranks = subprocess.run(["pgrep", "-f", f"faulty_train.py finetune .*--config {cfg}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
     assert pids, "no worker processes found"
     for pid in pids:  # the processes die mid-run, as on a node failure
@@ -157,12 +157,12 @@ def test_finetune_under_deepspeed_zero2_exports_what_it_evaluated(shards, offici
 
 def test_sigterm_checkpoints_a_finetune_and_a_fresh_start_there_is_refused(shards, official_ckpt, tmp_path):
     cfg = config(tmp_path, shards, official_ckpt, epochs=3, checkpoint={"every_steps": 100})
-    proc = run(cfg, wait=False, env={"PRETRAIN_INJECT_SLEEP_S": "0.4"})
+    proc = run(cfg, wait=False, faults={"sleep_s": 0.4})
     metrics = tmp_path / "ft" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
         time.sleep(0.1)
-    ranks = subprocess.run(["pgrep", "-f", f"finetune/run.py --config {cfg}"], capture_output=True, text=True)
+    ranks = subprocess.run(["pgrep", "-f", f"faulty_train.py finetune .*--config {cfg}"], capture_output=True, text=True)
     pids = [int(p) for p in ranks.stdout.split() if int(p) != proc.pid]
     assert pids, "no worker processes found"
     for pid in pids:  # as srun delivers scancel's TERM to every task

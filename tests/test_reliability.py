@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, v2_windows
+from pretrain.weights import CheckpointError, v2_windows
 from pretrain.config import ConfigError, load_config
 from pretrain.data.loader import DataError, LoaderConfig, build_loader
 from pretrain.data.shards import WriteOptions, write_shards
@@ -185,7 +185,7 @@ def test_a_shard_shorter_than_its_count_stops_training_when_read(rel_shards, tmp
 
 def test_the_writer_refuses_an_output_inside_its_source(rel_shards):
     src = str(rel_shards.parent / "imgs")
-    with pytest.raises(ValueError, match="is inside the source"):
+    with pytest.raises(DataError, match="is inside the source"):
         write_shards(WriteOptions(src, src + "/shards"), progress=False)
     assert not (rel_shards.parent / "imgs" / "shards").exists()
 
@@ -217,7 +217,7 @@ def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, t
     """The real DeepSpeed launcher, 2 ranks each: the second run in the same run dir is refused naming the
     holder, and the first finishes with its checkpoints and metrics intact."""
     cfg = base_config(shards, tmp_path / "run", optim={"max_steps": 6}, checkpoint={"every_steps": 2, "keep": 5})
-    first = launch(cfg, env={"PRETRAIN_INJECT_SLEEP_S": "8"}, wait=False)  # alive while the second starts
+    first = launch(cfg, faults={"sleep_s": 8}, wait=False)  # alive while the second starts
     try:
         for line in first.stdout:  # wait until it trains
             if "first update after" in line:
@@ -239,7 +239,7 @@ def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, t
 
 
 def test_eval_only_refuses_weights_without_a_head_for_the_model(rel_shards, tmp_path):
-    from pretrain.checkpoint import export
+    from pretrain.weights import export
     from pretrain.models import build_model
     w = export(build_model("swin_tiny", img_size=64, window_size=4, num_classes=10, embed_dim=32, depths=(2, 2),
                            num_heads=(2, 4)), str(tmp_path / "w.safetensors"))
@@ -254,14 +254,12 @@ def test_eval_only_refuses_weights_without_a_head_for_the_model(rel_shards, tmp_
 
 
 def test_resuming_with_a_changed_architecture_names_the_keys(tmp_path):
-    from types import SimpleNamespace
-    from pretrain.training import Trainer
     saved = load_config(CPU_CONFIG)
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
     now = load_config(CPU_CONFIG, ["model.window_size=3", "model.drop_path_rate=0.0"])
     with pytest.raises(ConfigError, match=r"architecture changed since it was saved \(model.window_size: "):
-        Trainer._check_same_architecture(SimpleNamespace(cfg=now, ARCHITECTURE_KEYS=Trainer.ARCHITECTURE_KEYS),
-                                         str(tmp_path / "config.json"))
+        ckpt.check_same_architecture(now, str(tmp_path / "config.json"))
+    ckpt.check_same_architecture(load_config(CPU_CONFIG, ["model.drop_path_rate=0.0"]), str(tmp_path / "config.json"))
 
 
 @pytest.fixture
@@ -283,7 +281,7 @@ def mounted(tmp_path):
 
 def test_read_only_run_dir_and_full_disk_are_one_line_errors(mounted):
     from pretrain.io import write_bytes_atomic
-    from pretrain.train import user_error
+    from pretrain.cli import user_error
     ro, full = mounted
     with pytest.raises(ckpt.RunLockedError, match=r"run_dir .*ro/run can't be written \(Read-only file system\)"):
         ckpt.RunLock(str(ro / "run")).acquire()

@@ -32,8 +32,8 @@ def test_rank_mapping_multi_node():
     env = {"SLURM_PROCID": "13", "SLURM_LOCALID": "5", "SLURM_NTASKS": "16", "SLURM_NNODES": "2",
            "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_JOB_ID": "4242"}
     p = placement(env)
-    assert (p.rank, p.local_rank, p.world_size, p.node_rank) == (13, 5, 16, 1)
-    assert p.master_addr == "node01" and p.master_port == 20000 + 4242 and p.nodes == ["node01", "node02"]
+    assert (p.rank, p.local_rank, p.world_size) == (13, 5, 16)
+    assert p.master_addr == "node01" and p.master_port == 20000 + 4242
     with pytest.raises(SlurmEnvError, match="SLURM_PROCID, SLURM_LOCALID"):
         placement({"SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "a", "SLURM_JOB_ID": "1"})
     with pytest.raises(SlurmEnvError, match="SLURM_NNODES=3 but SLURM_JOB_NODELIST lists 2"):
@@ -70,6 +70,14 @@ def submit(cluster: dict, nodes: int, log: Path, env: dict, script: list[str]) -
               "--export=ALL," + ",".join(f"{k}={v}" for k, v in {**CPU_ENV, **env}.items()), *script)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip().split(";")[0]
+
+
+def slow(tmp_path: Path) -> dict:
+    """The sbatch script starts $PRETRAIN_ENTRY (default launch/pretrain.py): here the entry that hands
+    slow updates (pretrain.training.Faults) to the trainer, so a signal lands mid-run."""
+    spec = tmp_path / "faults.json"
+    spec.write_text(json.dumps({"sleep_s": 0.5}))
+    return {"PRETRAIN_ENTRY": f"tests/faulty_train.py pretrain --faults @{spec}"}
 
 
 def submit_pretrain(cluster: dict, nodes: int, cfg: dict, log: Path, env: dict = {}) -> str:
@@ -148,7 +156,7 @@ def test_two_nodes_train_as_one_and_survive_preempt_requeue_resume(shards, tmp_p
     require(TWO_NODES, 2)
     cfg = pretrain_config(shards, tmp_path / "pre")
     log = tmp_path / "pre.log"
-    job = submit_pretrain(TWO_NODES, 2, cfg, log, {"PRETRAIN_INJECT_SLEEP_S": "0.5"})
+    job = submit_pretrain(TWO_NODES, 2, cfg, log, slow(tmp_path))
     metrics = Path(cfg["run_dir"], "metrics.jsonl")
     wait_for(lambda: metrics.exists() and len(losses(cfg["run_dir"])) >= 3, log, "3 logged updates")
     r = slurm(TWO_NODES, "scancel", "--signal=USR1", job)  # every task, on both nodes
@@ -184,10 +192,10 @@ def test_lost_node_ends_the_job_within_the_timeout_and_resume_auto_continues(sha
     timeout_s = 60
     cfg = pretrain_config(shards, tmp_path / "lost", checkpoint={"every_steps": 4}, dist_timeout_s=timeout_s)
     log = tmp_path / "lost.log"
-    job = submit_pretrain(TWO_NODES, 2, cfg, log, {"PRETRAIN_INJECT_SLEEP_S": "0.5"})
+    job = submit_pretrain(TWO_NODES, 2, cfg, log, slow(tmp_path))
     complete = Path(cfg["run_dir"], "checkpoints", "latest_complete")
     wait_for(lambda: complete.exists() and len(losses(cfg["run_dir"])) >= 6, log, "a checkpoint and 6 updates")
-    victims = node_pids("ns2", "launch/pretrain.py")
+    victims = node_pids("ns2", "faulty_train.py")
     assert len(victims) == 1, victims  # one rank per node
     os.kill(victims[0], signal.SIGKILL)
     killed = time.time()

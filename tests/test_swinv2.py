@@ -10,7 +10,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from pretrain.checkpoint import CheckpointError, export, load_pretrained, pretrained_windows_of
+from pretrain.weights import CheckpointError, export, load_pretrained, pretrained_windows_of
 from pretrain.models import build_model
 from pretrain.training.optim import param_groups
 

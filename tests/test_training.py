@@ -105,6 +105,27 @@ def test_finetune_configs_are_validated_and_backend_keys_checked():
     assert TrainConfig().backend == "deepspeed"
 
 
+def test_keys_that_act_nowhere_are_refused_with_the_fix():
+    """timm's transforms_imagenet_train drops color_jitter under RandAugment; the crop percentage acts only with
+    the center crop; aug.img_size is model.img_size's. Every shipped config loads (none carries such a key)."""
+    import glob
+    from finetune.config import load_finetune_config
+    path = str(REPO / "configs/swin_tiny_cpu.json")
+    with pytest.raises(ConfigError, match=r"aug.color_jitter=0.4 acts nowhere with aug.auto_augment='rand-m9.*"
+                                          r"remove aug.color_jitter, or set aug.auto_augment=null"):
+        load_config(path, ['aug.auto_augment="rand-m9-mstd0.5-inc1"', "aug.color_jitter=0.4"])
+    assert load_config(path, ["aug.color_jitter=0.2"]).aug.jitter == 0.2  # RandAugment off: it acts
+    assert load_config(path).aug.jitter == 0.0 and TrainConfig().aug.jitter == 0.4  # not given: the official 0.4
+    with pytest.raises(ConfigError, match=r"aug.eval_crop_pct=0.9 acts nowhere with aug.eval_crop=false"):
+        load_config(path, ["aug.eval_crop=false", "aug.eval_crop_pct=0.9"])
+    with pytest.raises(ConfigError, match=r"aug.img_size is set from model.img_size: remove aug.img_size"):
+        load_config(path, ["aug.img_size=64"])
+    cfg = load_config(path, ["model.img_size=96", "model.window_size=3"])
+    assert cfg.aug.img_size == 96 and "img_size" not in cfg.to_dict()["aug"]
+    for f in sorted(glob.glob(str(REPO / "configs" / "**" / "*.json"), recursive=True)):
+        (load_finetune_config if "/finetune/" in f else load_config)(f)
+
+
 def test_the_config_lists_the_models_variants_and_attention_kernels():
     # pretrain.config can't import the models (no torch there): its copies must stay equal
     import pretrain.config as config
@@ -173,10 +194,10 @@ def test_a_non_finite_update_changes_nothing_on_the_device():
 def test_flex_attention_in_a_compiled_model_on_cpu_is_refused_with_the_way_out():
     from types import SimpleNamespace
 
-    from pretrain.training import Trainer
+    from pretrain.training.build import compile_model
     cfg = load_config(str(REPO / "configs/swin_tiny_cpu.json"), ["model.attn_impl=flex", "model.compile=true"])
     with pytest.raises(ConfigError, match="model.attn_impl=math"):
-        Trainer._compile(SimpleNamespace(cfg=cfg, device=torch.device("cpu")))
+        compile_model(SimpleNamespace(device=torch.device("cpu")), cfg, print)
 
 
 def test_flops_of_a_flex_model_are_counted_as_the_math_kernels():

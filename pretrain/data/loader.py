@@ -19,20 +19,24 @@ to the same batch count, so metrics count exactly `num_samples` images.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing as mp
+import multiprocessing.util  # noqa: F401  (its exit function is registered before ours: ours runs first)
 import random
 import subprocess
 import tarfile
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
 import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..config import DataSection
 from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
 from .manifest import DataError, resolve_split_once
@@ -45,22 +49,32 @@ IMAGE_KEYS = ("jpg", "png", "webp")  # the image member, first found (timm's rea
 
 @dataclass
 class LoaderConfig:
+    """One split's loader. The fields named like the config's data section (pretrain.config.DataSection)
+    take its defaults and, through `from_section`, its values: the section is the one place they are set."""
     source: str  # _info.json/info.json URL, its folder, or shards "s3://b/t-{0000..0099}.tar|COUNT" (manifest)
     split: str = "train"
     batch_size: int = 64
-    workers: int = 4
+    workers: int = DataSection.workers
     seed: int = 0
-    shuffle_buffer: int = 2000
-    allow_pipe: bool = False  # "pipe:" URLs run a shell command: only when the config says so
-    max_corrupt: int = 100  # per rank and epoch; more fails the run naming the shards
-    on_bad_shard: str = "fatal"  # or "skip": an unreadable shard after retries
-    retries: int = 3
+    shuffle_buffer: int = DataSection.shuffle_buffer
+    allow_pipe: bool = DataSection.allow_pipe  # "pipe:" URLs run a shell command: only when the config says so
+    max_corrupt: int = DataSection.max_corrupt  # per rank and epoch; more fails the run naming the shards
+    on_bad_shard: str = DataSection.on_bad_shard  # or "skip": an unreadable shard after retries
+    retries: int = DataSection.retries
     retry_backoff_s: float = 1.0
     pin_memory: bool = True
     return_keys: bool = False  # append the sample keys to every batch (tests, debugging)
-    start_method: str = "auto"  # worker processes: auto (the platform's default), fork, spawn or forkserver
+    start_method: str = DataSection.start_method  # worker processes: auto, fork, spawn or forkserver
     num_classes: int = 0  # the model's: a label outside [0, num_classes) stops the run naming it (0: unchecked)
     aug: AugConfig = field(default_factory=AugConfig)
+
+    @classmethod
+    def from_section(cls, data: DataSection, source: str, split: str, **rest) -> "LoaderConfig":
+        shared = {f.name: getattr(data, f.name) for f in fields(cls) if f.name in SECTION_KEYS}
+        return cls(source, split=split, **shared, **rest)
+
+
+SECTION_KEYS = {f.name for f in fields(DataSection)} - {"train", "val", "train_split", "val_split"}
 
 
 # --------------------------------------------------------------------------------------------- shards
@@ -436,6 +450,8 @@ class ShardLoader:
                                       persistent_workers=w > 0, prefetch_factor=2 if w else None,
                                       generator=torch.Generator().manual_seed(self.cfg.seed),
                                       worker_init_fn=ignore_signals_in_worker if w else None)
+            if w:
+                _OPEN.add(self)
         return self._loader
 
     def __iter__(self):
@@ -444,11 +460,15 @@ class ShardLoader:
         with self.dataset.corrupt.get_lock():
             self.dataset.corrupt.value = 0
         n = 0
-        for batch in _one_line_errors(self._dataloader(), self.dataset.rank):
-            if self.training:
-                self.batches_done += 1
-            n += 1
-            yield batch
+        try:
+            for batch in _one_line_errors(self._dataloader(), self.dataset.rank):
+                if self.training:
+                    self.batches_done += 1
+                n += 1
+                yield batch
+        except Exception:
+            self.close()  # an error ends the epoch: stop the workers now (they ignore SIGTERM)
+            raise
         if not self.training:
             while n < total:  # pad so every rank runs the same number of (possibly collective) steps
                 yield self._padding_batch()
@@ -476,6 +496,19 @@ class ShardLoader:
     def corrupt_samples(self) -> int:
         """Corrupt samples skipped on this rank in the current epoch."""
         return self.dataset.corrupt.value
+
+
+# Loader workers ignore SIGTERM (Slurm signals every process; the trainer acts), so multiprocessing's
+# exit-time terminate() cannot stop them and its join would wait forever. A loader still open at exit (a
+# caller that never closed it) is closed first: this is registered after multiprocessing.util's exit
+# function, and atexit runs the last registered first.
+_OPEN: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    for loader in list(_OPEN):
+        loader.close()
 
 
 def _one_line_errors(batches, rank: int):

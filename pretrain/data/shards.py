@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..io import read_bytes, write_bytes_atomic
 from .loader import IMAGE_KEYS, iter_samples, mp_context
-from .manifest import find_manifest, read_manifest
+from .manifest import DataError, find_manifest, read_manifest
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
@@ -106,12 +106,12 @@ def _list_class_tars(root: str) -> Listing:
 def _parquet_image_column(schema: pa.Schema, wanted: Optional[str]) -> str:
     if wanted:
         if wanted not in schema.names:
-            raise ValueError(f"image column {wanted!r} not in parquet columns {schema.names}")
+            raise DataError(f"image column {wanted!r} not in parquet columns {schema.names}")
         return wanted
     for name in ("image", "jpg", "img", "image_bytes", "bytes"):
         if name in schema.names:
             return name
-    raise ValueError(f"no image column found in parquet columns {schema.names}; pass --image-column")
+    raise DataError(f"no image column found in parquet columns {schema.names}; pass --image-column")
 
 
 def _list_parquet(root: str, label_column: str) -> Listing:
@@ -120,7 +120,7 @@ def _list_parquet(root: str, label_column: str) -> Listing:
     items = []
     for path in files:
         if label_column not in pq.read_schema(path).names:
-            raise ValueError(f"{path}: label column {label_column!r} not found; pass --label-column")
+            raise DataError(f"{path}: label column {label_column!r} not found; pass --label-column")
         table = pq.read_table(path, columns=[label_column])
         for row, label in enumerate(table.column(label_column).to_pylist()):
             items.append(Item(("parquet", path, row), str(label)))
@@ -137,7 +137,7 @@ def detect_source(src: str) -> str:
         return "tars"
     if any(os.path.isdir(os.path.join(src, f)) for f in entries):
         return "folder"
-    raise ValueError(f"{src}: found no class folders, <class>.tar archives or .parquet files")
+    raise DataError(f"{src}: found no class folders, <class>.tar archives or .parquet files")
 
 
 def refuse_output_inside_source(src: str, out: str) -> None:
@@ -148,7 +148,7 @@ def refuse_output_inside_source(src: str, out: str) -> None:
     src_real = os.path.realpath(src)
     out_real = os.path.realpath(out.removeprefix("file://"))
     if os.path.isdir(src_real) and (out_real == src_real or out_real.startswith(src_real + os.sep)):
-        raise ValueError(f"the output {out} is inside the source {src}: a rerun would read it as a class; write "
+        raise DataError(f"the output {out} is inside the source {src}: a rerun would read it as a class; write "
                          "the shards outside the source folder")
 
 
@@ -352,7 +352,7 @@ def _check_plan(fs, out: str, plan: dict) -> None:
         old = json.loads(read_bytes(path))
         if old != plan:
             diff = {k: (old.get(k), plan.get(k)) for k in plan if old.get(k) != plan.get(k)}
-            raise ValueError(f"{out} holds shards from another plan ({diff} as (old, new)); "
+            raise DataError(f"{out} holds shards from another plan ({diff} as (old, new)); "
                              "write to a new folder or rerun with the same arguments to resume")
     else:
         write_bytes_atomic(path, json.dumps(plan).encode())
@@ -364,7 +364,7 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
     listing = list_items(opts)
     items = listing.items
     if not items:
-        raise ValueError(f"{opts.src}: no images found")
+        raise DataError(f"{opts.src}: no images found")
     classes = class_order(listing.class_names)
     class_idx = {c: i for i, c in enumerate(classes)}
     have = {it.class_name for it in items}

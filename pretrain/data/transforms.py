@@ -134,7 +134,7 @@ class DecodeRandomResizedCrop:
 def train_transform(cfg: AugConfig) -> Callable[[bytes], torch.Tensor]:
     """Image bytes -> augmented uint8 (3, S, S): timm's recipe, decoding only what the random crop needs."""
     primary, secondary, _final = transforms_imagenet_train(
-        cfg.img_size, auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter,
+        cfg.img_size, auto_augment=cfg.auto_augment, color_jitter=cfg.jitter,
         interpolation=cfg.interpolation, hflip=cfg.hflip, separate=True)
     first, *rest = primary.transforms
     crop = DecodeRandomResizedCrop(first, draft=cfg.draft_decode, roi=roi_decoder(cfg.jpeg_roi))
@@ -144,7 +144,7 @@ def train_transform(cfg: AugConfig) -> Callable[[bytes], torch.Tensor]:
 def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
     interp = T.InterpolationMode.BICUBIC
     if cfg.eval_crop:
-        size = int(cfg.img_size / cfg.eval_crop_pct)
+        size = int(cfg.img_size / cfg.crop_pct)
         return T.Compose([T.Resize(size, interpolation=interp), T.CenterCrop(cfg.img_size), to_uint8_tensor])
     return T.Compose([T.Resize((cfg.img_size, cfg.img_size), interpolation=interp), to_uint8_tensor])
 
@@ -152,7 +152,7 @@ def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
 def eval_decode_min_side(cfg: AugConfig) -> int:
     if not cfg.draft_decode:
         return 0
-    return int(cfg.img_size / cfg.eval_crop_pct) if cfg.eval_crop else cfg.img_size
+    return int(cfg.img_size / cfg.crop_pct) if cfg.eval_crop else cfg.img_size
 
 
 def seeded(seed: int, fn: Callable, *args):

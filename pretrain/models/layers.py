@@ -160,7 +160,7 @@ class PatchEmbed(nn.Module):
             raise ValueError(
                 f"input is {tuple(x.shape[-2:])} but the model was built for img_size={self.img_size}; "
                 "build it at that size (build_model(..., img_size=...)) and load the weights with "
-                "pretrain.checkpoint.load_pretrained, which resizes position tables")
+                "pretrain.weights.load_pretrained, which resizes position tables")
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 

@@ -4,14 +4,15 @@ res-post-norm with scaled cosine attention and a continuous position bias (V2 pa
 then norm).
 
 Parameter names follow timm's layout (patch merging at the start of stage i+1, classifier `head.fc`), so
-our state dict loads into `timm.create_model(...)` unchanged; `pretrain.checkpoint` converts to and from
+our state dict loads into `timm.create_model(...)` unchanged; `pretrain.weights` converts to and from
 the official layout.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -266,12 +267,53 @@ def model_from_config(cfg: SwinConfig | dict) -> SwinTransformer:
     return SwinTransformer(cfg if isinstance(cfg, SwinConfig) else SwinConfig(**cfg))
 
 
-def timm_name(cfg: SwinConfig) -> Optional[str]:
-    """The timm model name with the same architecture (variant, patch, window), if there is one."""
-    for name, arch in VARIANTS.items():
-        if (cfg.embed_dim, cfg.depths, cfg.num_heads, cfg.version) == (
-                arch["embed_dim"], arch["depths"], arch["num_heads"], arch.get("version", 1)):
-            if cfg.version == 2:
-                return f"{name}_window{cfg.window_size}_{cfg.img_size[0]}"
-            return f"{name}_patch{cfg.patch_size}_window{cfg.window_size}_{cfg.img_size[0]}"
-    return None
+# ------------------------------------------------------------------ the official key layout (timm's is ours)
+# Beside the model it maps, as timm keeps checkpoint_filter_fn: pretrain.weights detects a file's layout and
+# calls these; the differences are the downsample's stage (official: end of stage i; ours/timm: start of
+# stage i+1), the classifier's name (head.* vs head.fc.*) and the derived buffers the official files store.
+BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
+
+
+def from_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official keys to ours (= timm's) and drop the derived buffers."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith(BUFFER_SUFFIXES):
+            continue
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k)
+        if k.startswith("head."):
+            k = "head.fc." + k[len("head."):]
+        out[k] = v
+    return out
+
+
+def to_official(model: "SwinTransformer") -> dict[str, torch.Tensor]:
+    """Our model's weights in the official key layout and module order, with the index/mask buffers
+    the release stores (a block's `attn_mask` first, each index right after its bias table).
+
+    Our `layers.{i+1}.downsample` directly follows stage i's blocks, so renaming it to the official
+    `layers.{i}.downsample` keeps the release's order.
+    """
+    blocks = {}
+    for si, stage in enumerate(model.layers):
+        for bi, blk in enumerate(stage.blocks):
+            if blk.window[0] != blk.window[1]:
+                raise ValueError(
+                    f"layers.{si}.blocks.{bi} has a non-square window {blk.window}: the official code "
+                    "only supports square windows; export with layout='timm' or 'ours'")
+            blocks[f"layers.{si}.blocks.{bi}."] = blk
+    out: dict[str, torch.Tensor] = {}
+    for k, v in model.state_dict().items():
+        m = re.match(r"(layers\.\d+\.blocks\.\d+\.)", k)
+        blk = blocks[m[1]] if m else None
+        if blk is not None and k == m[1] + "norm1.weight" and blk.attn_mask is not None:
+            out[m[1] + "attn_mask"] = blk.attn_mask
+        k = re.sub(r"^layers\.(\d+)\.downsample", lambda d: f"layers.{int(d[1]) - 1}.downsample", k)
+        out["head." + k[len("head.fc."):] if k.startswith("head.fc.") else k] = v
+        if blk is not None and k.endswith("attn.relative_position_bias_table"):
+            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
+        if blk is not None and blk.post_norm and k.endswith("attn.v_bias" if blk.attn.v_bias is not None
+                                                              else "attn.logit_scale"):
+            out[m[1] + "attn.relative_coords_table"] = blk.attn.relative_coords_table  # V2 release order
+            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
+    return out

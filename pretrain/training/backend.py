@@ -80,10 +80,3 @@ class Backend:
         if dist.is_initialized() and self.world > 1:
             dist.barrier()
 
-
-def build_backend(cfg: RunConfig) -> Backend:
-    if cfg.backend == "deepspeed":
-        from .deepspeed_backend import DeepSpeedBackend
-        return DeepSpeedBackend(cfg)
-    from .accelerate_backend import AccelerateBackend
-    return AccelerateBackend(cfg)

@@ -11,18 +11,20 @@ and only tags older than the K newest complete ones are deleted, never the one i
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import random
 import re
 import shutil
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from ..io import write_bytes_atomic
+from ..config import ConfigError
+from ..io import write_bytes_atomic, write_safetensors
 
 POINTER = "latest_complete"
 MARKER = "COMPLETE"
@@ -206,10 +208,63 @@ class RunLock:
             self.fd = None
 
 
+def claim_run_dir(lock: RunLock, ckpt_dir: str) -> None:
+    """Rank 0, before anything is built or written: the run dir's lock (refused naming the holder), and a
+    checkpoint dir that can be written."""
+    lock.acquire()
+    try:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        probe = os.path.join(ckpt_dir, f".write_test.{os.getpid()}")
+        open(probe, "wb").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"checkpoint dir {ckpt_dir} can't be written ({e.strerror}): set checkpoint.dir (or "
+                          "run_dir) to a writable place") from None
+
+
+ARCHITECTURE_KEYS = ("variant", "img_size", "window_size", "num_classes", "embed_dim", "depths", "num_heads",
+                     "ape", "pretrained_window_sizes")
+
+
+def check_same_architecture(cfg, saved_config: str) -> None:
+    """A resume continues the saved run: its model must be the same shape (the state dict would not fit, in
+    30 lines of mismatches); name what changed instead. `cfg`: the RunConfig resuming."""
+    if not os.path.exists(saved_config):
+        return
+    with open(saved_config) as f:
+        saved = json.load(f).get("model", {})
+    now = cfg.to_dict()["model"]
+    changed = {k: (saved.get(k), now.get(k)) for k in ARCHITECTURE_KEYS if k in saved and saved[k] != now[k]}
+    if changed:
+        shown = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the architecture changed since it was saved "
+                          f"({shown}); resume with the saved values, or start a new run (fine-tuning moves "
+                          "weights to a new size: finetune/run.py --pretrained)")
+
+
+def saved_model_section(ckpt_dir: str, tag: str, warn: Callable[[str], None] = print):
+    """The model section a checkpoint was written with (its config.json), the one part of a run's config
+    that export, fine-tuning and the architecture check read. Keys this version does not know (a newer or
+    older run) are left out with a warning naming them, so such a run still exports."""
+    from ..config import ModelSection, from_dict
+    path = os.path.join(ckpt_dir, tag, "config.json")
+    try:
+        with open(path) as f:
+            model = json.load(f).get("model")
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpointError(f"{path} can't be read ({e}): the checkpoint's config is damaged") from None
+    if not isinstance(model, dict):
+        raise DamagedCheckpointError(f"{path} has no model section: it was not written by this project")
+    known = {f.name for f in dataclasses.fields(ModelSection)}
+    extra = sorted(set(model) - known)
+    if extra:
+        warn(f"warning: {path}: ignoring model key(s) this version does not know: "
+             f"{', '.join('model.' + k for k in extra)}")
+    return from_dict(ModelSection, {k: v for k, v in model.items() if k in known}, "model.")
+
+
 def write_state(path: str, state: dict[str, torch.Tensor]) -> None:
-    """A state dict as a safetensors file (CPU, contiguous), written atomically."""
-    from safetensors.torch import save
-    write_bytes_atomic(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
+    write_safetensors(path, state)
 
 
 def read_state(path: str) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Optional
 
 import torch
@@ -129,6 +130,19 @@ class MetricsWriter:
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, rec["step"])
 
+    def first_update(self, step: int, seconds: float, compiled: bool, epoch_share: float, print0) -> None:
+        """How long a (re)start took to its first update, and the share of the split an epoch trains on."""
+        self.write({"step": step, "time_to_first_step_s": seconds, "compiled": compiled, "epoch_share": epoch_share})
+        print0(f"first update after {seconds:.1f} s (process group, engine, data, "
+               f"{'compilation, ' if compiled else ''}forward/backward)")
+
+    def log_step(self, rec: dict, total: int, global_batch: int) -> None:
+        """A training record: into the history, and onto the progress bar with the time left."""
+        self.write(rec)
+        left = (total - rec["step"]) * global_batch / max(rec["img_s"], 1e-9)
+        self.progress(rec["step"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}",
+                      eta=f"{left / 3600:.1f}h")
+
     def progress(self, step: int, **postfix) -> None:
         if self._bar is not None:
             self._bar.set_postfix(**postfix)
@@ -140,3 +154,37 @@ class MetricsWriter:
             if h is not None:
                 h.close()
         self._file = self._tb = self._bar = None
+
+
+class StepStats:
+    """What the loop accumulates between two log records, on the device (no host sync per micro-batch):
+    the sum and count of finite losses, and the images seen. `record` all-reduces and resets them."""
+
+    def __init__(self, device: torch.device, flops_per_image: float):
+        self.device, self.flops_per_image = device, flops_per_image
+        self.loss_sum = torch.zeros((), device=device)
+        self.loss_n = torch.zeros((), device=device)
+        self.images = 0
+        self.t_last = time.time()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss, 0.0)  # the logged mean is over finite losses
+        self.loss_n += finite
+        self.images += images
+
+    def record(self, all_reduce, world: int) -> dict:
+        """loss (mean over every micro-batch of every rank), img/s, TFLOP/s per rank, MFU (CUDA)."""
+        sums = all_reduce(torch.stack([self.loss_sum.float(), self.loss_n.float()]))
+        mean_loss = (sums[0] / sums[1].clamp(min=1)).item()
+        self.loss_sum.zero_()
+        self.loss_n.zero_()
+        img_s_rank = self.images / max(time.time() - self.t_last, 1e-9)
+        self.t_last, self.images = time.time(), 0
+        tflops = 3 * self.flops_per_image * img_s_rank / 1e12  # forward + backward ~ 3x forward
+        rec = {"loss": mean_loss, "img_s_per_rank": img_s_rank, "img_s": img_s_rank * world,
+               "tflops_per_rank": tflops}
+        peak = peak_tflops(self.device)
+        if peak:
+            rec["mfu"] = tflops / peak
+        return rec

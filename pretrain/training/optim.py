@@ -106,3 +106,16 @@ class WeightEma:
             else:
                 e.copy_(m)
         torch._foreach_lerp_(ema, src, 1.0 - self.decay)
+
+    def forward_in(self, autocast: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The EMA weights' forward in the run's precision (`autocast`: the backend's), float32 out."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            with autocast():
+                return self.module(x).float()
+        return forward
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)

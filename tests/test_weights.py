@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoint import (CheckpointError, CheckpointMismatchError, export, load_pretrained,
+from pretrain.weights import (CheckpointError, CheckpointMismatchError, export, load_pretrained,
                                  read_checkpoint)
 from pretrain.classes import map22k_to_1k
 from pretrain.models import build_model

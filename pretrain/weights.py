@@ -10,28 +10,29 @@ into the model, so a failed load leaves the model untouched.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
+import os
 import pickle
 import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 
 from .classes import NUM_22K, map22k_to_1k
-from .io import read_bytes, write_bytes_atomic
+from .io import read_bytes, write_bytes_atomic, write_safetensors
 from .models.layers import coords_reference, log_spaced_coords
-from .models.swin import VARIANTS, SwinConfig, SwinTransformer
+from .models.swin import BUFFER_SUFFIXES, VARIANTS, SwinConfig, SwinTransformer, from_official, to_official
 
 OURS_FORMAT = "swin-pretrain/1"
 LAYOUTS = ("ours", "timm", "official")
-BUFFER_SUFFIXES = ("relative_position_index", "attn_mask", "relative_coords_table")
 HEAD_W, HEAD_B = "head.fc.weight", "head.fc.bias"
 
 Source = Union[str, "os.PathLike[str]", Mapping]
@@ -207,51 +208,6 @@ def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None
 
 
 # ------------------------------------------------------------------------------------------ conversion
-
-def official_to_ours(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename official keys to ours (= timm's) and drop the derived buffers."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith(BUFFER_SUFFIXES):
-            continue
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) + 1}.downsample", k)
-        if k.startswith("head."):
-            k = "head.fc." + k[len("head."):]
-        out[k] = v
-    return out
-
-
-def ours_to_official(model: SwinTransformer) -> dict[str, torch.Tensor]:
-    """Our model's weights in the official key layout and module order, with the index/mask buffers
-    the release stores (a block's `attn_mask` first, each index right after its bias table).
-
-    Our `layers.{i+1}.downsample` directly follows stage i's blocks, so renaming it to the official
-    `layers.{i}.downsample` keeps the release's order.
-    """
-    blocks = {}
-    for si, stage in enumerate(model.layers):
-        for bi, blk in enumerate(stage.blocks):
-            if blk.window[0] != blk.window[1]:
-                raise CheckpointError(
-                    f"layers.{si}.blocks.{bi} has a non-square window {blk.window}: the official code "
-                    "only supports square windows; export with layout='timm' or 'ours'")
-            blocks[f"layers.{si}.blocks.{bi}."] = blk
-    out: dict[str, torch.Tensor] = {}
-    for k, v in model.state_dict().items():
-        m = re.match(r"(layers\.\d+\.blocks\.\d+\.)", k)
-        blk = blocks[m[1]] if m else None
-        if blk is not None and k == m[1] + "norm1.weight" and blk.attn_mask is not None:
-            out[m[1] + "attn_mask"] = blk.attn_mask
-        k = re.sub(r"^layers\.(\d+)\.downsample", lambda d: f"layers.{int(d[1]) - 1}.downsample", k)
-        out["head." + k[len("head.fc."):] if k.startswith("head.fc.") else k] = v
-        if blk is not None and k.endswith("attn.relative_position_bias_table"):
-            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
-        if blk is not None and blk.post_norm and k.endswith("attn.v_bias" if blk.attn.v_bias is not None
-                                                              else "attn.logit_scale"):
-            out[m[1] + "attn.relative_coords_table"] = blk.attn.relative_coords_table  # V2 release order
-            out[m[1] + "attn.relative_position_index"] = blk.attn.relative_position_index
-    return out
-
 
 def resize_bias_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
     """((2M-1)^2, heads) -> ((2M'-1)^2, heads), exactly as the official `load_pretrained`:
@@ -485,7 +441,7 @@ def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = Tr
         _note_cpb(report, model, sd, meta)
     if layout == "official":
         n_buffers = sum(k.endswith(BUFFER_SUFFIXES) for k in sd)
-        sd = official_to_ours(sd)
+        sd = from_official(sd)
         report.converted.append("official -> our key layout (patch merging moved to the next stage, "
                                 "head -> head.fc)")
         if n_buffers:
@@ -535,7 +491,10 @@ def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
     if layout == "timm" and model.absolute_pos_embed is not None:
         raise CheckpointError("timm's Swin has no absolute position embedding (ape=True): "
                               "export with layout='official' or 'ours'")
-    sd = _to_cpu(ours_to_official(model) if layout == "official" else model.state_dict())
+    try:
+        sd = _to_cpu(to_official(model) if layout == "official" else model.state_dict())
+    except ValueError as e:  # what the official layout can't hold (a non-square window)
+        raise CheckpointError(str(e)) from None
     as_safetensors = str(path).endswith(".safetensors")
     if layout == "ours":
         meta = {"format": OURS_FORMAT, "config": json.dumps(model.cfg.to_dict())}
@@ -544,13 +503,18 @@ def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
         meta = {"format": "pt"}
         obj = {"model": sd} if layout == "official" else sd
     if as_safetensors:
-        data = safetensors.torch.save(sd, metadata=meta)
+        write_safetensors(str(path), sd, meta)
     else:
         buf = io.BytesIO()
         torch.save(obj, buf)
-        data = buf.getvalue()
-    write_bytes_atomic(str(path), data)
+        write_bytes_atomic(str(path), buf.getvalue())
     return str(path)
+
+
+def export_layouts(model: SwinTransformer, stem: str, layouts: tuple[str, ...] = LAYOUTS) -> list[str]:
+    """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape)."""
+    return [export(model, f"{stem}.{layout}.safetensors", layout=layout) for layout in layouts
+            if not (layout == "timm" and model.cfg.ape)]
 
 
 def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
@@ -562,7 +526,7 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
         return SwinConfig(**meta["config"])
     raw = sd
     if detect_layout(sd, meta) == "official":
-        sd = official_to_ours(sd)
+        sd = from_official(sd)
     cfg = infer_config(sd, windows_from=raw)
     cfg["window_size"] = cfg["window_size"] or window_size
     if cfg["window_size"] is None:
@@ -597,3 +561,42 @@ def stage_windows(cfg: SwinConfig) -> tuple[int, ...]:
     """Each stage's window (the window shrinks to a stage smaller than it), square models."""
     grid = cfg.img_size[0] // cfg.patch_size
     return tuple(min(cfg.window_size, -(-grid // 2 ** i)) for i in range(len(cfg.depths)))
+
+
+def convert_checkpoint(src: Source, dst: str, layout: str, *, img_size=None, window_size: Optional[int] = None,
+                       num_classes: Optional[int] = None, pretrained_window_sizes: Optional[Sequence[int]] = None,
+                       reset_head: bool = False, allow_pickle: bool = False) -> tuple[SwinTransformer, LoadReport]:
+    """Any layout of a Swin or Swin V2 checkpoint -> `dst` in `layout`, optionally at a new size, window or
+    class count (V1 bias tables resized; V2 keeps its CPB MLP, with the checkpoint's pretrained windows)."""
+    cfg = config_from_checkpoint(src, allow_pickle=allow_pickle, window_size=window_size)
+    changes: dict[str, Any] = {}
+    if cfg.version == 2:
+        windows = pretrained_window_sizes or pretrained_windows_of(src, allow_pickle=allow_pickle)
+        if windows:
+            changes["pretrained_window_sizes"] = tuple(windows)
+    if img_size:
+        changes["img_size"] = tuple(img_size) if len(img_size) == 2 else img_size[0]
+    if window_size:
+        changes["window_size"] = window_size
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    model = SwinTransformer(dataclasses.replace(cfg, **changes))
+    report = load_pretrained(model, src, reset_head=reset_head, allow_pickle=allow_pickle)
+    export(model, dst, layout=layout)
+    return model, report
+
+
+def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = None,
+               layouts: tuple[str, ...] = LAYOUTS, warn=print) -> list[str]:
+    """Consolidated fp32 weights of one of our run checkpoints (newest complete, or `tag`) in each layout.
+    Only the checkpoint's model section is read: a run with keys this version does not know still exports."""
+    from .models import model_from_section
+    from .training.checkpointing import load_run_weights, resolve_tag, saved_model_section
+    ckpt_dir, tag = resolve_tag(path, tag)
+    section = saved_model_section(ckpt_dir, tag, warn=warn)
+    model = model_from_section(section)
+    model.load_state_dict(load_run_weights(ckpt_dir, tag), strict=True)
+    out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
+    c = model.cfg
+    stem = f"{section.variant}_{c.img_size[0]}_w{c.window_size}_{c.num_classes}cls_{tag}"
+    return export_layouts(model, os.path.join(out_dir, stem), layouts)

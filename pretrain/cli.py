@@ -1,0 +1,113 @@
+"""The command-line layer every entry point shares (pretraining, fine-tuning, make_shards, export, convert,
+the demos): common arguments, the distributed environment resolved first, and one error policy.
+
+    p = cli.parser("python -m pretrain.train", __doc__, config=True)   # --config / --set (/ --resume)
+    return cli.run(lambda: job(p.parse_args(argv)))
+
+The policy: a user error (a bad key or value, a missing file, a bad checkpoint or shard, a run dir in use,
+a full disk) is one line, `error: ...` naming the file or key and what to do, on rank 0 (or on the one rank
+that met it), and exit 2; a broken collective (another rank stopped) is one line and exit 1; anything else
+is a bug and keeps its traceback. The process group is closed on every exit.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from typing import Callable, Optional
+
+
+def user_errors() -> tuple[type, ...]:
+    """What a user can fix (imported when needed: `--help` stays fast)."""
+    from .weights import CheckpointError
+    from .config import ConfigError
+    from .data.jpeg import JpegBuildError
+    from .data.manifest import DataError
+    from .slurm import SlurmEnvError
+    from .training.checkpointing import DamagedCheckpointError, RunExistsError, RunLockedError
+    from .training.loop import NonFiniteLossError
+    return (ConfigError, FileNotFoundError, DataError, CheckpointError, RunExistsError, JpegBuildError,
+            DamagedCheckpointError, RunLockedError, NonFiniteLossError, SlurmEnvError)
+
+
+def user_error(e: BaseException) -> Optional[str]:
+    """The one line a user error gets (None: a bug, which keeps its traceback)."""
+    if isinstance(e, user_errors()):
+        return str(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return (f"no space left on the device writing {e.filename or 'a file'} (ENOSPC): free space there, or "
+                "point run_dir / checkpoint.dir at a disk with room; resume with --resume auto")
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES) and e.filename:
+        return f"{e.filename}: {e.strerror}: point run_dir / checkpoint.dir (or the output) at a writable place"
+    return None
+
+
+def rank() -> int:
+    """This process's rank: the process group's once it exists, else the launcher's (RANK, which `run`
+    derives from srun's variables first)."""
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def print0(msg: str) -> None:
+    if rank() == 0:
+        print(msg, flush=True)
+
+
+def common(config: bool = False, resume: bool = False) -> argparse.ArgumentParser:
+    """The parent parser: --config/--set for the tools that read a run config, --resume for the trainers,
+    and the deepspeed launcher's --local_rank."""
+    p = argparse.ArgumentParser(add_help=False)
+    if config:
+        p.add_argument("--config", help="JSON run config (configs/*.json)")
+        p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="config overrides, e.g. optim.base_lr=5e-4 (docs/config.md lists every key)")
+    if resume:
+        p.add_argument("--resume", help="'auto' (newest complete checkpoint of the run) or a checkpoint tag folder")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p
+
+
+def parser(prog: str, doc: Optional[str], config: bool = False, resume: bool = False) -> argparse.ArgumentParser:
+    """An entry point's parser: its module docstring's first paragraph as the description."""
+    return argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0],
+                                   parents=[common(config, resume)])
+
+
+def run(job: Callable[[], object], show_result: bool = True) -> int:
+    """Run an entry point's job under the one error policy; returns the exit code. The job returns a dict
+    (printed by rank 0), an int (the exit code) or None."""
+    from . import slurm
+    try:
+        slurm.init_env_from_slurm()  # first: every later read of the rank agrees, under srun too
+        result = job()
+    except Exception as e:
+        line = user_error(e)
+        if line is None:
+            import torch.distributed as dist
+            if isinstance(e, dist.DistBackendError):  # a peer stopped (its own error says why)
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                print(f"error: rank {rank()}: a collective broke off, another rank stopped (see its error): "
+                      f"{first}", file=sys.stderr)
+                return 1
+            raise
+        # Errors every rank meets alike (config, manifest, checkpoint) print once; one met by a single rank
+        # (its data, found while reading) prints there.
+        if rank() == 0 or getattr(e, "rank_local", False):
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    finally:
+        _close_group()
+    if isinstance(result, int):
+        return result
+    if show_result and isinstance(result, dict) and result and rank() == 0:
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    return 0
+
+
+def _close_group() -> None:
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

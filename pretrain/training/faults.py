@@ -1,0 +1,40 @@
+"""Fault injection for tests: an object handed to the Trainer (`Trainer(cfg, faults=Faults(...))`), never
+read from the environment. tests/faulty_train.py builds one from `--faults JSON` for launched runs."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Faults:
+    nan: list[tuple[int, int]] = field(default_factory=list)  # (update, rank): that rank's loss is NaN on one
+    #   micro-batch before `update`; entries fire one per micro-batch, in order, on every rank's list
+    sleep_s: float = 0.0  # after every update: slows a run down so a signal or a second job lands mid-run
+    crash_in_save: Optional[int] = None  # every rank exits (17) after writing this update's checkpoint,
+    #   before the pointer moves
+
+    @classmethod
+    def from_json(cls, text: str) -> "Faults":
+        raw = json.loads(text or "{}")
+        return cls(nan=[tuple(x) for x in raw.get("nan", [])], sleep_s=float(raw.get("sleep_s", 0.0)),
+                   crash_in_save=raw.get("crash_in_save"))
+
+    def loss(self, loss: torch.Tensor, update: int, rank: int) -> torch.Tensor:
+        if self.nan and self.nan[0][0] == update:
+            if self.nan.pop(0)[1] == rank:
+                return loss * float("nan")
+        return loss
+
+    def after_update(self) -> None:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+
+    def in_save(self, step: int) -> None:
+        if self.crash_in_save == step:
+            os._exit(17)
