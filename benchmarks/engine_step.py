@@ -227,17 +227,20 @@ class PeakTensorBytes(TorchDispatchMode):
         self.live -= self._storages.pop(key, 0)
 
 
-def peak_bytes_of_step(engine, x: torch.Tensor) -> int:
-    """Peak tensor memory of one forward/backward/step on this rank: CUDA's allocator peak, or on the CPU
-    the live tensors counted op by op (PeakTensorBytes) on top of what the engine holds before."""
+def peak_bytes_of_step(engine, x: torch.Tensor, accum: int) -> int:
+    """Peak tensor memory of one update (`accum` micro-batches of forward/backward/step) on this rank: CUDA's
+    allocator peak, or on the CPU the live tensors counted op by op (PeakTensorBytes) on top of what the
+    engine holds before. With accum 1 every micro-batch is a boundary, where ZeRO-1 too reduces and frees
+    the gradients bucket by bucket (DeepSpeed's stage_1_and_2.py): ZeRO-2's saving shows with accumulation."""
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = sum(held_bytes(engine).values())
     with PeakTensorBytes(base) as counter:
-        loss = engine(x).float().logsumexp(1).mean()
-        engine.backward(loss)
-        engine.step()
+        for _ in range(accum):
+            loss = engine(x).float().logsumexp(1).mean()
+            engine.backward(loss)
+            engine.step()
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
@@ -253,18 +256,18 @@ def memory(a) -> None:
     for variant in a.variants:
         for stage in a.stages:
             cfg = TrainConfig(model=ModelSection(variant=variant, num_classes=21841))
-            cfg.optim.global_batch, cfg.optim.micro_batch, cfg.optim.zero_stage = world, 1, stage
+            cfg.optim.global_batch, cfg.optim.micro_batch, cfg.optim.zero_stage = world * a.accum, 1, stage
             cfg.deepspeed = json.loads(a.ds)
             model = model_from_section(cfg.model)
             n = sum(p.numel() for p in model.parameters())
             opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
             x = torch.randn(1, 3, 224, 224, dtype=torch.bfloat16, device=engine.device)
-            peak = peak_bytes_of_step(engine, x)  # the first step: the optimizer states are created in it
-            peak = max(peak, peak_bytes_of_step(engine, x))
+            peak = peak_bytes_of_step(engine, x, a.accum)  # the first update creates the optimizer states
+            peak = max(peak, peak_bytes_of_step(engine, x, a.accum))
             held = held_bytes(engine)
             if rank == 0:
-                print(json.dumps({"variant": variant, "params": n, "zero_stage": stage, "world": world, "ds": a.ds,
+                print(json.dumps({"variant": variant, "params": n, "zero_stage": stage, "world": world, "accum": a.accum, "ds": a.ds,
                                   **{k: v / 2**30 for k, v in held.items()},
                                   "held_after_step_gib": sum(held.values()) / 2**30,
                                   "peak_during_step_gib": peak / 2**30}), flush=True)
@@ -298,6 +301,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=["swin_base", "swin_large"])
+    p.add_argument("--accum", type=int, default=2, help="memory: micro-batches per update (accumulation)")
     p.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3], help="memory: ZeRO stages")
     p.add_argument("--local_rank", type=int, default=-1)
     a = p.parse_args()
