@@ -96,3 +96,23 @@ def test_a_run_with_keys_this_version_does_not_know_still_exports(capsys, tmp_pa
     io = capsys.readouterr()
     assert "ignoring model key(s) this version does not know: model.a_future_model_key" in io.err
     assert io.out.count("wrote ") == 2 and "Traceback" not in io.err
+
+
+def test_the_training_modules_import_one_another_without_a_cycle():
+    """backend.py is the seam the backends implement: it imports none of them (build.py picks one)."""
+    import ast
+    from pathlib import Path
+    pkg = Path(__file__).resolve().parents[1] / "pretrain" / "training"
+    names = {f.stem for f in pkg.glob("*.py")} - {"__init__"}
+    deps = {}
+    for name in names:
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        deps[name] = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                      and n.level == 1} | {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                                           and n.level == 1 and not n.module for a in n.names}
+        deps[name] &= names
+
+    def reaches(start: str, goal: str, seen: set) -> bool:
+        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in deps[start])
+    assert not any(reaches(n, n, {n}) for n in names), deps
+    assert not deps["backend"] and "loop" not in set().union(*deps.values())

@@ -217,7 +217,8 @@ def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, t
     """The real DeepSpeed launcher, 2 ranks each: the second run in the same run dir is refused naming the
     holder, and the first finishes with its checkpoints and metrics intact."""
     cfg = base_config(shards, tmp_path / "run", optim={"max_steps": 6}, checkpoint={"every_steps": 2, "keep": 5})
-    first = launch(cfg, faults={"sleep_s": 8}, wait=False)  # alive while the second starts
+    go = tmp_path / "go"  # the first run waits after its first update until this exists
+    first = launch(cfg, faults={"pause_until": str(go)}, wait=False)
     try:
         for line in first.stdout:  # wait until it trains
             if "first update after" in line:
@@ -227,6 +228,7 @@ def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, t
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         assert "is in use by another run (host " in second.stderr and "Traceback" not in second.stderr
         assert second.stderr.count("error: ") == 1  # one line, from one rank
+        go.touch()
         rest, _ = first.communicate(timeout=300)
     finally:
         if first.poll() is None:

@@ -18,12 +18,14 @@ class Faults:
     sleep_s: float = 0.0  # after every update: slows a run down so a signal or a second job lands mid-run
     crash_in_save: Optional[int] = None  # every rank exits (17) after writing this update's checkpoint,
     #   before the pointer moves
+    pause_until: Optional[str] = None  # after the first update, wait until this file exists (a run kept
+    #   alive exactly as long as a test needs it)
 
     @classmethod
     def from_json(cls, text: str) -> "Faults":
         raw = json.loads(text or "{}")
         return cls(nan=[tuple(x) for x in raw.get("nan", [])], sleep_s=float(raw.get("sleep_s", 0.0)),
-                   crash_in_save=raw.get("crash_in_save"))
+                   crash_in_save=raw.get("crash_in_save"), pause_until=raw.get("pause_until"))
 
     def loss(self, loss: torch.Tensor, update: int, rank: int) -> torch.Tensor:
         if self.nan and self.nan[0][0] == update:
@@ -34,6 +36,11 @@ class Faults:
     def after_update(self) -> None:
         if self.sleep_s:
             time.sleep(self.sleep_s)
+        if self.pause_until:
+            deadline = time.time() + 600
+            while not os.path.exists(self.pause_until) and time.time() < deadline:
+                time.sleep(0.1)
+            self.pause_until = None
 
     def in_save(self, step: int) -> None:
         if self.crash_in_save == step:
