@@ -71,15 +71,12 @@ def entry(app: str, faults: dict | None) -> list[str]:
     return ["tests/faulty_train.py", app, "--faults", json.dumps(faults, separators=(",", ":"))]
 
 
-def launch_port(port_offset: int = 0) -> int:
-    return 29500 + (os.getpid() + port_offset) % 1000
-
-
 def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, port_offset: int = 0,
            faults: dict | None = None):
     """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command);
     `port_offset` for a second job running at the same time."""
-    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(launch_port(port_offset)),
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port",
+           str(29500 + (os.getpid() + port_offset) % 1000),
            *entry("pretrain", faults), "--config", cfg["_path"], *args]
     return _run(cmd, env, wait)
 

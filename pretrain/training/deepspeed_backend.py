@@ -1,8 +1,6 @@
 """DeepSpeed ZeRO 0-3 with bf16/fp16: the engine's checkpoints, universal conversion on a world-size change."""
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import subprocess
 import sys
@@ -44,17 +42,6 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def cpu_shm_buffer(rank: int, env=os.environ) -> str:
-    """The /dev/shm segment DeepSpeed's CPU all-reduce (deepspeed_shm_comm_op, shm.cpp) creates for `rank`."""
-    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR')}_"
-            f"{env.get('MASTER_PORT')}_{rank}")
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -65,11 +52,6 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().current_device_name())
-        if self.device.type == "cpu":
-            # DeepSpeed maps a 66 MB shared-memory segment per rank for its CPU all-reduce and never unlinks
-            # it: each CPU job would leave one per rank in RAM (/dev/shm is memory) after it ends. Every peer
-            # mapped it during init_distributed; at exit its name can go.
-            atexit.register(_unlink, cpu_shm_buffer(self.rank))
         self.dtype = DTYPES[cfg.optim.precision]
         self.engine = None
 
