@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import safetensors.torch
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,12 @@ import torch.nn.functional as F
 from .classes import NUM_22K, map22k_to_1k
 from .io import read_bytes, write_bytes_atomic, write_safetensors
 from .models.layers import coords_reference, log_spaced_coords
+from .models.simmim import SimMIM, is_simmim_state, split_state, to_official as simmim_to_official
 from .models.swin import BUFFER_SUFFIXES, VARIANTS, SwinConfig, SwinTransformer, from_official, to_official
 
 OURS_FORMAT = "swin-pretrain/1"
 LAYOUTS = ("ours", "timm", "official")
+SIMMIM_LAYOUTS = ("ours", "official", "encoder")  # a SimMIM model's
 HEAD_W, HEAD_B = "head.fc.weight", "head.fc.bias"
 
 Source = Union[str, "os.PathLike[str]", Mapping]
@@ -187,6 +190,7 @@ def _our_config(meta: dict, name: str) -> dict:
         return meta
     if meta.get("format") != OURS_FORMAT:
         return {k: v for k, v in meta.items() if k != "config"}
+    out = dict(meta)
     if isinstance(cfg, str):
         try:
             cfg = json.loads(cfg)
@@ -195,7 +199,10 @@ def _our_config(meta: dict, name: str) -> dict:
                                   "file is damaged: export it again") from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{name}: its '{OURS_FORMAT}' config metadata is not an object")
-    return {**meta, "config": cfg}
+    cfg = dict(cfg)
+    if "simmim" in cfg:  # a SimMIM model's settings beside its encoder's SwinConfig
+        out["simmim"] = cfg.pop("simmim")
+    return {**out, "config": cfg}
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
@@ -219,6 +226,70 @@ def resize_bias_table(table: torch.Tensor, new_len: int) -> torch.Tensor:
     img = table.float().permute(1, 0).reshape(1, heads, S1, S1)
     out = F.interpolate(img, size=(S2, S2), mode="bicubic")
     return out.reshape(heads, new_len).permute(1, 0).contiguous().to(table.dtype)
+
+
+def geometric_positions(src_size: int, dst_size: int) -> tuple[list[float], "np.ndarray"]:
+    """The official SimMIM fine-tune's sample positions (`utils_simmim.remap_pretrained_keys_swin`): the
+    pretrained table's offsets spaced by a geometric progression whose sum reaches the new half-width,
+    and the new table's integer offsets."""
+    def gp(a: float, r: float, n: int) -> float:
+        return a * (1.0 - r ** n) / (1.0 - r)
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:  # the same bisection as the official, float for float
+        q = (left + right) / 2.0
+        if gp(1, q, src_size // 2) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1.0
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    x = [-d for d in reversed(dis)] + [0.0] + dis
+    t = dst_size // 2.0
+    return x, np.arange(-t, t + 0.1, 1.0)
+
+
+def spline_matrix(x: Sequence[float], t: "np.ndarray") -> "np.ndarray":
+    """(len(t), len(x)) float64: the cubic interpolating spline through (x, y) with not-a-knot ends, evaluated
+    at t (clamped to [x0, xn]), as a linear map of y. This is FITPACK's s=0, k=3 spline, which SciPy's removed
+    `interp2d(kind='cubic')` fitted on a grid; on a grid the 2-D spline is this map along each axis."""
+    x = np.asarray(x, dtype=np.float64)
+    n, h = len(x), np.diff(x)
+    if n < 4:
+        raise ValueError(f"a not-a-knot cubic spline needs at least 4 points, got {n}")
+    A, R = np.zeros((n, n)), np.zeros((n, n))  # A @ M = R @ y for the second derivatives M
+    A[0, :3] = -h[1], h[0] + h[1], -h[0]  # third derivative continuous at x1 ...
+    A[-1, -3:] = -h[-1], h[-2] + h[-1], -h[-2]  # ... and at x_{n-2}
+    for i in range(1, n - 1):
+        A[i, i - 1:i + 2] = h[i - 1], 2 * (h[i - 1] + h[i]), h[i]
+        R[i, i - 1:i + 2] = 6 / h[i - 1], -6 / h[i - 1] - 6 / h[i], 6 / h[i]
+    M = np.linalg.solve(A, R)
+    t = np.clip(np.asarray(t, dtype=np.float64), x[0], x[-1])
+    out = np.zeros((len(t), n))
+    for r, v in enumerate(t):
+        i = int(min(max(np.searchsorted(x, v, side="right") - 1, 0), n - 2))
+        hi, a, b = h[i], x[i + 1] - v, v - x[i]
+        out[r] = M[i] * (a ** 3 / (6 * hi) - hi * a / 6) + M[i + 1] * (b ** 3 / (6 * hi) - hi * b / 6)
+        out[r, i] += a / hi
+        out[r, i + 1] += b / hi
+    return out
+
+
+def resize_bias_table_geometric(table: torch.Tensor, new_len: int) -> torch.Tensor:
+    """((2M-1)^2, heads) -> ((2M'-1)^2, heads) as the official SimMIM fine-tune: per head, the table sampled
+    at geometrically spaced offsets and re-sampled at the new integer offsets by a bicubic spline."""
+    L1, heads = table.shape
+    S1, S2 = math.isqrt(L1), math.isqrt(new_len)
+    if S1 * S1 != L1 or S2 * S2 != new_len:
+        raise CheckpointError(f"bias table of {L1} rows -> {new_len}: only square windows can be resized")
+    if S1 < 4:  # too small a table for the spline: the plain bicubic resize
+        return resize_bias_table(table, new_len)
+    x, t = geometric_positions(S1, S2)
+    a = torch.from_numpy(spline_matrix(x, t))
+    z = table.double().t().reshape(heads, S1, S1)
+    out = a @ z @ a.t()  # rows (y) and columns (x) share the positions
+    return out.reshape(heads, new_len).t().contiguous().float().to(table.dtype)
 
 
 def resize_abs_pos_embed(pe: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -348,14 +419,16 @@ def _check_tables(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], name:
     return []
 
 
-def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: LoadReport) -> None:
+def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: LoadReport,
+                   geometric: bool = False) -> None:
+    """`geometric`: bias tables by the SimMIM fine-tune's spline (a SimMIM checkpoint), else bicubic."""
     resized = []
     for k, v in list(sd.items()):
         t = target.get(k)
         if t is None or v.shape == t.shape:
             continue
         if k.endswith("relative_position_bias_table") and v.shape[1] == t.shape[1]:
-            sd[k] = resize_bias_table(v, t.shape[0])
+            sd[k] = (resize_bias_table_geometric if geometric else resize_bias_table)(v, t.shape[0])
             resized.append((k, tuple(v.shape), tuple(t.shape)))
         elif k == "absolute_pos_embed" and v.shape[2] == t.shape[2]:
             sd[k] = resize_abs_pos_embed(v, model.patch_embed.grid_size)
@@ -363,7 +436,8 @@ def _fit_positions(sd: dict, target: Mapping, model: SwinTransformer, report: Lo
     if resized:
         tables = [r for r in resized if r[0] != "absolute_pos_embed"]
         if tables:
-            report.resized.append(f"{len(tables)} relative_position_bias_table(s) bicubic, e.g. "
+            how = "by the SimMIM geometric spline" if geometric else "bicubic"
+            report.resized.append(f"{len(tables)} relative_position_bias_table(s) {how}, e.g. "
                                   f"{tables[0][1]} -> {tables[0][2]}")
         report.resized += [f"absolute_pos_embed {a} -> {b} bicubic" for k, a, b in resized
                            if k == "absolute_pos_embed"]
@@ -417,18 +491,63 @@ def _mismatch_message(name: str, sd: Mapping, target: Mapping, model: SwinTransf
     return "\n".join(lines)
 
 
-def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = True, reset_head: bool = False,
-                    allow_pickle: bool = False) -> LoadReport:
-    """Load `source` (path, fsspec URL or state dict; official, timm or our layout) into `model`.
+def load_pretrained(model: Union[SwinTransformer, SimMIM], source: Source, *, strict: bool = True,
+                    reset_head: bool = False, allow_pickle: bool = False) -> LoadReport:
+    """Load `source` (path, fsspec URL or state dict; official, timm or our layout; a Swin or a SimMIM
+    checkpoint) into `model` (a Swin classifier/encoder, or a SimMIM model).
 
     Bias tables and absolute position embeddings are resized to the model's window/grid (official
-    bicubic recipe); index and mask buffers are rebuilt by the model, never loaded; a 21841-class head
-    loads into a 1000-class model through the official 22K->1K mapping; any other class-count change
-    zero-initializes the head. With strict=True any other difference raises CheckpointMismatchError and
-    the model is left unchanged.
+    bicubic recipe; from a SimMIM checkpoint, the SimMIM fine-tune's geometric spline); index and mask
+    buffers are rebuilt by the model, never loaded; the older `rpe_mlp` name of the V2 CPB MLP is read as
+    `cpb_mlp`; a 21841-class head loads into a 1000-class model through the official 22K->1K mapping; any
+    other class-count change zero-initializes the head. A SimMIM checkpoint loads into a classifier without
+    its `mask_token` and decoder (reported as dropped). With strict=True any other difference raises
+    CheckpointMismatchError and the model is left unchanged.
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    sd = {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in sd.items()}  # the official loaders' rename
+    from_simmim = is_simmim_state(sd)
+    extra: dict[str, torch.Tensor] = {}
+    if from_simmim:
+        sd, extra = split_state(sd)
+    encoder = model.encoder if isinstance(model, SimMIM) else model
+    kept_head = from_simmim and encoder.num_classes > 0 and not any(k.startswith("head.") for k in sd)
+    report = _load_encoder(encoder, sd, meta, name, strict, reset_head, geometric=from_simmim, keep_head=kept_head)
+    if from_simmim:
+        report.layout = f"SimMIM ({report.layout} encoder)"
+    if kept_head:
+        report.reinitialized.append("head.fc: kept the model's init (a SimMIM checkpoint has no classifier)")
+    if isinstance(model, SimMIM):
+        _load_simmim_parts(model, extra, name, strict, report)
+    elif extra:
+        report.dropped.append(f"the SimMIM parts {', '.join(sorted(extra, key=_natural_key))} (pretraining only)")
+    return report
+
+
+def _load_simmim_parts(model: SimMIM, extra: dict, name: str, strict: bool, report: LoadReport) -> None:
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    missing = [k for k in target if k not in extra]
+    unexpected = [k for k in extra if k not in target]
+    mismatched = [f"{k} {tuple(extra[k].shape)} vs model {tuple(target[k].shape)}" for k in target
+                  if k in extra and extra[k].shape != target[k].shape]
+    if (missing or unexpected or mismatched) and strict:
+        raise CheckpointMismatchError(
+            f"{name} does not fit the SimMIM model outside its encoder: " + "; ".join(
+                [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"shape mismatches {mismatched}" if mismatched else ""]).strip("; ")
+            + (" (a plain Swin checkpoint has no mask token or decoder: load it with strict=False to start them "
+               "fresh)" if missing and not extra else ""))
+    ok = {k: v for k, v in extra.items() if k in target and v.shape == target[k].shape}
+    model.load_state_dict(ok, strict=False)
+    report.reinitialized += [f"{k} (missing, kept the model's init)" for k in missing]
+    report.dropped += [f"{k} (not in the model)" for k in unexpected]
+
+
+def _load_encoder(model: SwinTransformer, sd: dict, meta: dict, name: str, strict: bool, reset_head: bool,
+                  geometric: bool, keep_head: bool = False) -> LoadReport:
+    """`geometric`: bias tables by the SimMIM spline; `keep_head`: the model's classifier keeps its init (a
+    SimMIM checkpoint has none, and the official SimMIM fine-tune leaves it as built)."""
     fam, mine = family(sd), model.cfg.version
     if fam and fam != mine:
         raise CheckpointError(
@@ -449,12 +568,14 @@ def load_pretrained(model: SwinTransformer, source: Source, *, strict: bool = Tr
     else:
         sd = {k: v for k, v in sd.items() if not k.endswith(BUFFER_SUFFIXES)}
     target = model.state_dict()
+    if keep_head and not reset_head:
+        sd[HEAD_W], sd[HEAD_B] = target[HEAD_W].clone(), target[HEAD_B].clone()
     _fit_head(sd, target, model, reset_head, report)
     damaged = _check_tables(sd, meta, name)
     if damaged:
         raise CheckpointMismatchError(damaged[0])
     original = dict(sd)
-    _fit_positions(sd, target, model, report)
+    _fit_positions(sd, target, model, report, geometric)
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     mismatched = [(k, tuple(sd[k].shape), tuple(target[k].shape)) for k in sd
@@ -479,13 +600,17 @@ def _to_cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
+def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours") -> str:
     """Write the model's weights to `path` (local or fsspec URL) in `layout`, atomically.
 
     `.safetensors` paths get safetensors; anything else a torch.save file (`{'model': sd}` for the
     official layout, as the release). The timm layout loads with
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`.
+    A SimMIM model exports as "ours" (with its settings), "official" (the official SimMIM state dict) or
+    "encoder" (the encoder alone in timm's layout: a backbone for fine-tuning or timm).
     """
+    if isinstance(model, SimMIM):
+        return _export_simmim(model, path, layout)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if layout == "timm" and model.absolute_pos_embed is not None:
@@ -495,9 +620,25 @@ def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
         sd = _to_cpu(to_official(model) if layout == "official" else model.state_dict())
     except ValueError as e:  # what the official layout can't hold (a non-square window)
         raise CheckpointError(str(e)) from None
+    return _write(path, sd, layout, model.cfg.to_dict())
+
+
+def _export_simmim(model: SimMIM, path: str, layout: str) -> str:
+    if layout not in SIMMIM_LAYOUTS:
+        raise ValueError(f"a SimMIM model exports as one of {SIMMIM_LAYOUTS}, got {layout!r}")
+    if layout == "encoder":
+        return export(model.encoder, path, "timm")
+    try:
+        sd = _to_cpu(simmim_to_official(model) if layout == "official" else model.state_dict())
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return _write(path, sd, layout, model.config_dict())
+
+
+def _write(path: str, sd: dict, layout: str, config: dict) -> str:
     as_safetensors = str(path).endswith(".safetensors")
     if layout == "ours":
-        meta = {"format": OURS_FORMAT, "config": json.dumps(model.cfg.to_dict())}
+        meta = {"format": OURS_FORMAT, "config": json.dumps(config)}
         obj: dict = {"model": sd, **meta}
     else:
         meta = {"format": "pt"}
@@ -511,10 +652,14 @@ def export(model: SwinTransformer, path: str, layout: str = "ours") -> str:
     return str(path)
 
 
-def export_layouts(model: SwinTransformer, stem: str, layouts: tuple[str, ...] = LAYOUTS) -> list[str]:
+def export_layouts(model: Union[SwinTransformer, SimMIM], stem: str, layouts: Optional[tuple[str, ...]] = None
+                   ) -> list[str]:
     """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape)."""
+    simmim = isinstance(model, SimMIM)
+    layouts = layouts or (SIMMIM_LAYOUTS if simmim else LAYOUTS)
+    ape = (model.encoder if simmim else model).cfg.ape
     return [export(model, f"{stem}.{layout}.safetensors", layout=layout) for layout in layouts
-            if not (layout == "timm" and model.cfg.ape)]
+            if not (layout in ("timm", "encoder") and ape)]
 
 
 def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -210,9 +210,14 @@ class SwinTransformer(nn.Module):
                                                   (r"^layers\.(\d+)\.\w+\.(\d+)", None)]
         return dict(stem=r"^patch_embed|^absolute_pos_embed", blocks=blocks, head=r"^norm|^head")
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> normalized last-stage tokens (B, H/32, W/32, C)."""
+    def forward_tokens(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 3, H, W) -> normalized last-stage tokens (B, H/32, W/32, C). With `mask` (B, H/4, W/4) of 0/1,
+        masked patch embeddings are replaced by `mask_token` (C,) before the position embedding (SimMIM)."""
         x = self.patch_embed(x)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - w) + mask_token.to(x.dtype) * w
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed.view(1, *x.shape[1:3], -1)
         x = self.pos_drop(x)

@@ -1,0 +1,156 @@
+"""SimMIM: the model against the official code, checkpoints in and out, masks, configuration errors.
+
+Reference numbers: tests/fixtures/simmim_v{1,2}.pth, made by tests/fixtures/make_simmim_reference.py with the
+official code (microsoft/Swin-Transformer @ f82860b: models/simmim.py, data/data_simmim_pt.py MaskGenerator,
+utils_simmim.load_pretrained with SciPy 1.13's interp2d) on a small Swin with perturbed weights.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models import MaskGenerator, build_model, build_simmim
+from pretrain.models.simmim import norm_targets, to_official
+from pretrain.weights import (CheckpointMismatchError, export, geometric_positions, load_pretrained,
+                              read_checkpoint, spline_matrix)
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ARCH = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+PRETRAIN = {1: dict(variant="swin_tiny", window_size=6), 2: dict(variant="swinv2_tiny", window_size=12,
+                                                                   norm_target_patch=47)}
+FINETUNE = {1: dict(variant="swin_tiny", window_size=7), 2: dict(variant="swinv2_tiny", window_size=14,
+                                                                   pretrained_window_sizes=(12, 12, 12, 6))}
+
+
+def reference(version: int) -> dict:
+    return torch.load(os.path.join(FIXTURES, f"simmim_v{version}.pth"), weights_only=True)
+
+
+def simmim(version: int):
+    p = dict(PRETRAIN[version])
+    return build_simmim(p.pop("variant"), img_size=192, **p, **ARCH).eval()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_loss_and_reconstruction_equal_the_official_code(version):
+    """Official SimMIM weights (V2 with the older `rpe_mlp` name) load strictly; on the same input and mask
+    our loss and reconstruction equal the official ones to 1e-4 (V2: normalized targets, patch 47)."""
+    ref = reference(version)
+    model = simmim(version)
+    report = load_pretrained(model, {"model": ref["model"]})
+    assert report.layout.startswith("SimMIM (official")
+    x, mask = ref["x"].float(), ref["mask"]
+    with torch.no_grad():
+        loss = model(x, mask)
+        x_rec = model.reconstruct(x, mask)
+    torch.testing.assert_close(x_rec, ref["x_rec"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, ref["loss"], atol=1e-4, rtol=0)
+    # any integer or bool mask dtype gives the same loss
+    with torch.no_grad():
+        assert abs(model(x, mask.bool()).item() - loss.item()) < 1e-6
+        assert abs(model(x, mask.long()).item() - loss.item()) < 1e-6
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_finetune_load_equals_the_official_simmim_finetune(version):
+    """A SimMIM checkpoint into a classifier at 224 (V1: window 6 -> 7, bias tables by the geometric spline;
+    V2: window 14 with pretrained windows 12,12,12,6): pooled features equal the official fine-tune's
+    (utils_simmim.load_pretrained) to 1e-4; the mask token and decoder are reported as dropped."""
+    ref = reference(version)
+    p = dict(FINETUNE[version])
+    clf = build_model(p.pop("variant"), img_size=224, num_classes=10, **p, **ARCH).eval()
+    report = load_pretrained(clf, {"model": ref["model"]})
+    assert any("mask_token" in d and "decoder" in d for d in report.dropped), report
+    assert any("head.fc" in r for r in report.reinitialized), report
+    if version == 1:
+        assert any("geometric" in r for r in report.resized), report
+    with torch.no_grad():
+        feat = clf.forward_features(ref["x_ft"].float())
+    torch.testing.assert_close(feat, ref["feat_ft"], atol=1e-4, rtol=0)
+
+
+def test_geometric_spline_matches_a_not_a_knot_cubic_spline():
+    """The spline is SciPy's interp2d(kind='cubic') on a grid: FITPACK's s=0 cubic, i.e. the not-a-knot spline.
+    Checked here against numpy's exact cubic fit where the spline must be exact: data from a cubic polynomial
+    is reproduced to 1e-9, and a table resized to its own size is unchanged."""
+    x, t = geometric_positions(11, 13)
+    assert len(x) == 11 and len(t) == 13 and abs(x[-1] - 6) < 1e-4  # the progression reaches the new half-width
+    cubic = np.poly1d([0.3, -0.2, 1.5, 0.7])
+    np.testing.assert_allclose(spline_matrix(x, t) @ cubic(np.array(x)), cubic(np.clip(t, x[0], x[-1])), atol=1e-9)
+    same = spline_matrix(list(range(-5, 6)), np.arange(-5, 6.0))
+    np.testing.assert_allclose(same, np.eye(11), atol=1e-12)
+
+
+def test_our_simmim_exports_in_our_official_and_encoder_layouts(tmp_path):
+    """Export -> load round trips: ours (with the SimMIM settings), the official SimMIM layout (its keys as the
+    official state dict names them) and the plain encoder (loads into a classifier, and into timm's layout)."""
+    ref = reference(2)
+    model = simmim(2)
+    load_pretrained(model, {"model": ref["model"]})
+    official = to_official(model)
+    want = {k.replace("rpe_mlp", "cpb_mlp") for k in ref["model"]}
+    assert set(official) == want
+    x, mask = ref["x"].float(), ref["mask"]
+    with torch.no_grad():
+        loss = model(x, mask)
+    for layout in ("ours", "official"):
+        path = export(model, str(tmp_path / f"m.{layout}.safetensors"), layout=layout)
+        again = simmim(2)
+        load_pretrained(again, path)
+        with torch.no_grad():
+            assert abs(again(x, mask).item() - loss.item()) < 1e-6, layout
+    _, meta = read_checkpoint(str(tmp_path / "m.ours.safetensors"))
+    assert meta["simmim"] == {"norm_target_patch": 47}
+    path = export(model, str(tmp_path / "m.encoder.safetensors"), layout="encoder")
+    sd, _ = read_checkpoint(path)
+    assert not any(k.startswith(("encoder.", "decoder.", "mask_token")) for k in sd)
+    clf = build_model("swinv2_tiny", img_size=192, window_size=12, num_classes=0, **ARCH).eval()
+    load_pretrained(clf, path)
+    torch.testing.assert_close(clf.forward_tokens(x, mask, model.mask_token), model.encoder.forward_tokens(
+        x, mask, model.mask_token), atol=0, rtol=0)
+
+
+def test_a_plain_swin_checkpoint_into_simmim_needs_strict_false():
+    swin = build_model("swin_tiny", img_size=192, window_size=6, num_classes=0, **ARCH)
+    model = simmim(1)
+    with pytest.raises(CheckpointMismatchError, match="mask_token"):
+        load_pretrained(model, swin.state_dict())
+    report = load_pretrained(model, swin.state_dict(), strict=False)
+    assert any("decoder.0.weight" in r for r in report.reinitialized)
+
+
+def test_mask_generator_is_the_official_one_and_seeded():
+    """MaskGenerator(192, 32, 4, 0.6): ceil(0.6*36) = 22 of the 6x6 mask patches, each 8x8 tokens (official);
+    the same seed gives the same mask."""
+    gen = MaskGenerator(192, 32, 4, 0.6)
+    m = gen(np.random.default_rng(3))
+    assert m.shape == (48, 48) and m.dtype == np.uint8
+    assert m.sum() == 22 * 64
+    assert (m.reshape(6, 8, 6, 8) == m.reshape(6, 8, 6, 8)[:, :1, :, :1]).all()  # constant per 8x8 block
+    np.testing.assert_array_equal(gen(np.random.default_rng(3)), m)
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(img_size=200), "mask_patch_size=32 does not divide the image size 200"),
+    (dict(mask_patch_size=30), "mask_patch_size=30 does not divide"),
+    (dict(img_size=192, mask_patch_size=6), "mask_patch_size=6 is not a multiple of the model's patch size 4"),
+    (dict(mask_ratio=1.0), "mask_ratio=1.0 must be in"),
+    (dict(mask_ratio=0.0), "mask_ratio=0.0 must be in"),
+])
+def test_a_bad_mask_configuration_is_refused_naming_the_key(kw, key):
+    args = dict(img_size=192, mask_patch_size=32, mask_ratio=0.6) | kw
+    with pytest.raises(ValueError, match=key):
+        MaskGenerator(args["img_size"], args["mask_patch_size"], 4, args["mask_ratio"])
+
+
+def test_norm_targets_zero_mean_unit_variance_inside():
+    """Away from the borders a pixel's normalized value is (x - local mean) / local std (unbiased)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 15, 15)
+    y = norm_targets(x, 5)
+    win = x[0, 0, 5:10, 5:10]
+    want = (x[0, 0, 7, 7] - win.mean()) / (win.var(unbiased=True) + 1e-6) ** 0.5
+    assert abs(y[0, 0, 7, 7].item() - want.item()) < 1e-5
