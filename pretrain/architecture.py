@@ -36,3 +36,16 @@ def architecture_problem(img_size: Sequence[int], patch_size: int, embed_dim: in
     if any(d < 1 for d in depths) or window_size < 1:
         return f"depths {tuple(depths)} and window_size {window_size} must be >= 1"
     return None
+
+
+def mask_problem(img_size: int, mask_patch_size: int, patch_size: int, mask_ratio: float, prefix: str = "") -> str:
+    """Why a mask configuration can't work ("" if it can), naming the keys with `prefix`."""
+    if mask_patch_size <= 0 or img_size % mask_patch_size:
+        return (f"{prefix}mask_patch_size={mask_patch_size} does not divide the image size {img_size}: use a "
+                f"divisor of it (the recipe: 32 at 192)")
+    if mask_patch_size % patch_size:
+        return (f"{prefix}mask_patch_size={mask_patch_size} is not a multiple of the model's patch size "
+                f"{patch_size}: masks are whole patches")
+    if not 0 < mask_ratio < 1:
+        return f"{prefix}mask_ratio={mask_ratio} must be in (0, 1) (the recipe: 0.6)"
+    return ""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 # No torch, timm or torchvision here: the sbatch script and tools read configs without loading them.
-from .architecture import VARIANTS as VARIANT_SHAPES, architecture_problem
+from .architecture import VARIANTS as VARIANT_SHAPES, architecture_problem, mask_problem
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
@@ -117,7 +117,11 @@ class OptimSection:
     global_batch: int = opt(4096, "images per optimizer update, all ranks together")
     micro_batch: int = opt(64, "images per rank per forward/backward")
     epochs: int = opt(90, "training length")
-    warmup_epochs: float = opt(5.0, "linear warm-up from warmup_lr, then cosine to min_lr")
+    warmup_epochs: float = opt(5.0, "linear warm-up from warmup_lr, then the schedule")
+    schedule: str = opt("cosine", "after the warm-up: cosine (to min_lr) | multistep (x decay_rate at each of "
+                                  "decay_epochs, SimMIM's pretraining)")
+    decay_epochs: list[float] = opt([], "schedule multistep: the epochs where the lr is multiplied by decay_rate")
+    decay_rate: float = opt(0.1, "schedule multistep: the factor at each of decay_epochs")
     max_steps: int = opt(0, "stop after this many optimizer updates (0: run all epochs)")
     base_lr: float = opt(1.25e-4, "per lr_scale_batch images; scaled linearly with global_batch")
     warmup_lr: float = opt(1.25e-7, "per lr_scale_batch images, scaled like base_lr")
@@ -148,7 +152,24 @@ class LogSection:
     progress: bool = opt(True, "progress bar on rank 0")
 
 
+@dataclass
+class SimMIMSection:
+    """Masked image modelling (task simmim): the official SimMIM recipe's defaults."""
+    mask_patch_size: int = opt(32, "side of a masked square in pixels: divides model.img_size, a multiple of the "
+                                   "patch size (4)")
+    mask_ratio: float = opt(0.6, "share of the mask squares masked, in (0, 1): ceil(ratio * squares) per image")
+    norm_target_patch: int = opt(0, "reconstruct pixels normalized by their local mean and std over this odd "
+                                    "window (the V2 recipe: 47); 0: raw normalized pixels (the V1 recipe)")
+    crop_scale: list[float] = opt([0.67, 1.0], "RandomResizedCrop area range (the SimMIM transform: crop, flip)")
+    crop_ratio: list[float] = opt([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range")
+
+
 BACKENDS = ("deepspeed", "accelerate")
+TASKS = ("classification", "simmim")
+# aug keys of the classification transform and loss: with task simmim they act nowhere (the SimMIM transform is
+# a crop and a flip, the loss pixel L1)
+CLASSIFICATION_ONLY = ("auto_augment", "color_jitter", "re_prob", "mixup", "cutmix", "mixup_prob",
+                       "mixup_switch_prob", "label_smoothing")
 
 
 @dataclass
@@ -157,6 +178,8 @@ class RunConfig:
     run_dir: str = opt("runs/pretrain", "config.json, metrics.jsonl, tb/, checkpoints/, export/")
     seed: int = opt(0, "data order, augmentation and initialization")
     recipe: str = opt("", "where the values come from (e.g. the official config file); recorded, not used")
+    task: str = opt("classification", "the objective: classification (labels) | simmim (masked image modelling, "
+                                      "no labels needed; settings in the simmim section)")
     backend: str = opt("deepspeed", "deepspeed (ZeRO; pretraining's default) | accelerate (DDP; fine-tuning's default)")
     dist_timeout_s: int = opt(600, "a collective waiting longer (a dead rank) fails the job instead of hanging")
     deepspeed: dict = field(default_factory=dict, metadata={"help": (
@@ -167,6 +190,7 @@ class RunConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    simmim: SimMIMSection = field(default_factory=SimMIMSection)
 
     def to_dict(self) -> dict:
         """Every key a config file may hold (derived fields, set from another key, are left out)."""
@@ -393,6 +417,7 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
     if m.embed_dim is not None:
         checks.append(in_range(m.embed_dim, "model.embed_dim", 1))
+    checks += schedule_checks(o) + task_checks(cfg)
     if o.zero_stage is not None:
         checks.append(one_of(o.zero_stage, "optim.zero_stage", (0, 1, 2, 3)))
         checks.append((cfg.backend == "deepspeed" or o.zero_stage == 0,
@@ -406,6 +431,51 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     checks.append((not clash, f"deepspeed.{clash[0] if clash else ''} is derived from optim.global_batch and "
                               "optim.micro_batch: set those instead"))
     checks.extend(deepspeed_contradictions(cfg))
+    return checks
+
+
+def schedule_checks(o: OptimSection) -> list[tuple[bool, str]]:
+    checks = [one_of(o.schedule, "optim.schedule", ("cosine", "multistep")),
+              in_range(o.decay_rate, "optim.decay_rate", 0, 1, lo_open=True)]
+    if o.schedule == "multistep":
+        checks += [(bool(o.decay_epochs), "optim.schedule=multistep needs optim.decay_epochs (e.g. [700])"),
+                   (all(o.warmup_epochs <= e <= o.epochs for e in o.decay_epochs),
+                    f"optim.decay_epochs={o.decay_epochs} must lie between optim.warmup_epochs={o.warmup_epochs} "
+                    f"and optim.epochs={o.epochs}"),
+                   (o.min_lr == OptimSection.min_lr, f"optim.min_lr={o.min_lr} acts nowhere with "
+                    "optim.schedule=multistep (the lr only steps down by decay_rate): remove it")]
+    else:
+        checks.append((not o.decay_epochs and o.decay_rate == OptimSection.decay_rate,
+                       "optim.decay_epochs / optim.decay_rate act only with optim.schedule=multistep: remove them, "
+                       "or set optim.schedule=multistep"))
+    return checks
+
+
+def task_checks(cfg: "RunConfig") -> list[tuple[bool, str]]:
+    """The simmim section acts only with task simmim; the classification-only keys only without it."""
+    s, defaults = cfg.simmim, SimMIMSection()
+    checks = [one_of(cfg.task, "task", TASKS)]
+    if cfg.task != "simmim":
+        changed = [f"simmim.{f.name}" for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(defaults, f.name)]
+        checks.append((not changed, f"{', '.join(changed)} act(s) only with task=simmim (this run's task is "
+                                    f"{cfg.task!r}): remove them, or set task=simmim"))
+        return checks
+    problem = mask_problem(cfg.model.img_size, s.mask_patch_size, 4, s.mask_ratio, prefix="simmim.")
+    checks.append((not problem, problem))
+    checks.append((s.norm_target_patch == 0 or (s.norm_target_patch > 1 and s.norm_target_patch % 2 == 1),
+                   f"simmim.norm_target_patch={s.norm_target_patch} must be 0 (off) or an odd window > 1 (the V2 "
+                   "recipe: 47)"))
+    for key, pair, lo in (("crop_scale", s.crop_scale, 0.0), ("crop_ratio", s.crop_ratio, 0.0)):
+        checks.append((len(pair) == 2 and lo < pair[0] <= pair[1] and (key != "crop_scale" or pair[1] <= 1),
+                       f"simmim.{key}={pair} must be [low, high] with 0 < low <= high" +
+                       (" <= 1" if key == "crop_scale" else "")))
+    aug_defaults = AugConfig()
+    changed = [f"aug.{k}" for k in CLASSIFICATION_ONLY if getattr(cfg.aug, k) != getattr(aug_defaults, k)]
+    checks.append((not changed, f"{', '.join(changed)} act(s) nowhere with task=simmim (the SimMIM transform is a "
+                                "crop and a flip, the loss an L1 on pixels): remove them"))
+    checks.append((cfg.model.num_classes == ModelSection.num_classes,
+                   f"model.num_classes={cfg.model.num_classes} acts nowhere with task=simmim (the encoder has no "
+                   "classifier): remove it"))
     return checks
 
 

@@ -1,4 +1,4 @@
-"""Pack labelled images into WebDataset shards, or verify written shards.
+"""Pack images (labelled, or not: --no-labels) into WebDataset shards, or verify written shards.
 
     python -m pretrain.make_shards write SRC OUT [--val-per-class N] [--samples-per-shard N]
                                        [--max-shard-bytes B] [--max-side N] [--workers N] [--seed S]
@@ -6,7 +6,7 @@
     (also `swin-make-shards ...` and `python launch/make_shards.py ...`)
 
 SRC: a folder of class folders (fall11_whole/<wnid>/*.JPEG), a folder of <wnid>.tar archives, or parquet
-file(s) with image bytes and a label column. OUT: a local path or fsspec URL (s3://, gs://, ...).
+file(s) with image bytes and a label column; with --no-labels, a folder of images at any depth. OUT: a local path or fsspec URL (s3://, gs://, ...).
 """
 import json
 import sys
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--image-column", help="parquet: image bytes column (default: image/jpg/img/bytes)")
     w.add_argument("--label-column", default="label", help="parquet: label column")
+    w.add_argument("--no-labels", action="store_true", help="SRC is a folder of images without classes (any "
+                   "depth), for SimMIM; --val-per-class N then holds out N images")
     w.add_argument("--no-progress", action="store_true")
     w.add_argument("--start-method", default="auto", choices=["auto", "fork", "spawn", "forkserver"],
                    help="how worker processes start (auto: the platform's default)")
@@ -44,7 +46,7 @@ def write(a) -> int:
                         samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
                         max_side=a.max_side, seed=a.seed, quality=a.quality, workers=a.workers,
                         image_column=a.image_column, label_column=a.label_column,
-                        start_method=a.start_method)
+                        start_method=a.start_method, labelled=not a.no_labels)
     summary = write_shards(opts, progress=not a.no_progress)
     print(json.dumps(summary, indent=1))
     if summary["empty_classes"]:

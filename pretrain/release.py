@@ -1,4 +1,5 @@
-"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout.
+"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout
+(a SimMIM run: ours, the official SimMIM layout, and the encoder alone for fine-tuning or timm).
 
     python -m pretrain.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official]
     (also `swin-export ...` and `python launch/export.py ...`)
@@ -11,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from . import cli
-from .weights import LAYOUTS, export_run
+from .weights import LAYOUTS, SIMMIM_LAYOUTS, export_run
 
 
 def main(argv=None) -> int:
@@ -19,11 +20,13 @@ def main(argv=None) -> int:
     p.add_argument("path", help="run dir, its checkpoints/ dir, or one tag folder")
     p.add_argument("--tag", help="default: the newest complete checkpoint")
     p.add_argument("--out", help="default: <run dir>/export")
-    p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
+    p.add_argument("--layouts", nargs="+", choices=sorted(set(LAYOUTS + SIMMIM_LAYOUTS)),
+                   help="default: every layout the model has (a Swin: ours timm official; a SimMIM run: ours "
+                        "official encoder)")
     a = p.parse_args(argv)
 
     def job() -> None:
-        for path in export_run(a.path, a.out, a.tag, tuple(a.layouts), warn=lambda m: print(m, file=sys.stderr)):
+        for path in export_run(a.path, a.out, a.tag, tuple(a.layouts) if a.layouts else None, warn=lambda m: print(m, file=sys.stderr)):
             print(f"wrote {path}")
     return cli.run(job)
 

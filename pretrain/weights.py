@@ -732,16 +732,22 @@ def convert_checkpoint(src: Source, dst: str, layout: str, *, img_size=None, win
 
 
 def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = None,
-               layouts: tuple[str, ...] = LAYOUTS, warn=print) -> list[str]:
-    """Consolidated fp32 weights of one of our run checkpoints (newest complete, or `tag`) in each layout.
+               layouts: Optional[tuple[str, ...]] = None, warn=print) -> list[str]:
+    """Consolidated fp32 weights of one of our run checkpoints (newest complete, or `tag`) in each layout
+    (default: all the model has; a SimMIM run: ours, official, encoder).
     Only the checkpoint's model section is read: a run with keys this version does not know still exports."""
-    from .models import model_from_section
-    from .training.checkpointing import load_run_weights, resolve_tag, saved_model_section
+    from .models import config_from_section, model_from_section
+    from .training.checkpointing import load_run_weights, resolve_tag, saved_model_section, saved_simmim
     ckpt_dir, tag = resolve_tag(path, tag)
     section = saved_model_section(ckpt_dir, tag, warn=warn)
-    model = model_from_section(section)
+    norm_target = saved_simmim(ckpt_dir, tag)
+    model = (model_from_section(section) if norm_target is None
+             else SimMIM(config_from_section(section), norm_target or None))
     model.load_state_dict(load_run_weights(ckpt_dir, tag), strict=True)
     out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
     c = model.cfg
-    stem = f"{section.variant}_{c.img_size[0]}_w{c.window_size}_{c.num_classes}cls_{tag}"
+    what = "simmim" if norm_target is not None else f"{c.num_classes}cls"
+    stem = f"{section.variant}_{c.img_size[0]}_w{c.window_size}_{what}_{tag}"
+    if norm_target is not None and layouts is not None:
+        layouts = tuple(x for x in layouts if x in SIMMIM_LAYOUTS) or None
     return export_layouts(model, os.path.join(out_dir, stem), layouts)

@@ -26,6 +26,30 @@ def shards(tmp_path_factory) -> str:
     return str(root / "shards" / "_info.json")
 
 
+@pytest.fixture(scope="session")
+def unlabelled_shards(tmp_path_factory) -> str:
+    """The same kind of images with no classes (nested folders and loose files, make_shards --no-labels):
+    112 train / 16 validation images, 14 per shard, no `cls` members."""
+    root = tmp_path_factory.mktemp("unlabelled_data")
+    make_image_folder(str(root / "imgs"), num_classes=8, per_class=16, size=(40, 40))
+    first = sorted((root / "imgs").iterdir())[0]
+    for f in sorted(first.iterdir())[:4]:
+        f.rename(root / "imgs" / f"loose_{f.name}")  # images directly in the folder too
+    write_shards(WriteOptions(str(root / "imgs"), str(root / "shards"), val_per_class=16, samples_per_shard=14,
+                              labelled=False), progress=False)
+    return str(root / "shards" / "_info.json")
+
+
+def simmim_config(shards: str, run_dir: Path, **sections) -> dict:
+    """base_config as a SimMIM run: 32 px, mask squares of 8 px, no classification keys."""
+    cfg = base_config(shards, run_dir, **sections)
+    cfg["task"] = "simmim"
+    cfg["simmim"] = {"mask_patch_size": 8, **sections.get("simmim", {})}
+    cfg["aug"] = {k: v for k, v in sections.get("aug", {}).items()}
+    cfg["model"] = {k: v for k, v in cfg["model"].items() if k != "num_classes"}
+    return write_config(cfg, run_dir)
+
+
 def base_config(shards: str, run_dir: Path, **sections) -> dict:
     """A tiny pretraining run (2 stages, 32 px, window 4) on the `shards` fixture, written next to run_dir."""
     cfg = {

@@ -154,3 +154,55 @@ def test_norm_targets_zero_mean_unit_variance_inside():
     win = x[0, 0, 5:10, 5:10]
     want = (x[0, 0, 7, 7] - win.mean()) / (win.var(unbiased=True) + 1e-6) ** 0.5
     assert abs(y[0, 0, 7, 7].item() - want.item()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------- training, in one process
+def test_simmim_trains_resumes_evaluates_and_exports_in_one_process(unlabelled_shards, tmp_path):
+    """An unlabelled set trains with task simmim through the one Trainer: a run resumed at update 2 gives the
+    same losses for updates 3-6 (to 1e-6: masks and crops are seeded per sample); evaluation reports the masked
+    reconstruction loss over all 16 validation images and writes the picture; the run exports in the SimMIM
+    layouts and its encoder loads into a classifier."""
+    import json
+    from PIL import Image
+    from pretrain.config import load_config
+    from pretrain.training import Trainer
+    from pretrain.weights import export_run
+    from conftest import simmim_config
+
+    def config(run: str):
+        cfg = simmim_config(unlabelled_shards, tmp_path / run, optim={"max_steps": 6, "zero_stage": None,
+                                                                      "precision": "fp32"},
+                            checkpoint={"every_steps": 2, "keep": 5})
+        return load_config(cfg["_path"], ["backend=accelerate", f"data.val={unlabelled_shards}", "data.workers=0"])
+
+    first = Trainer(config("a"))
+    assert first.task.name == "simmim"
+    result = first.fit()
+    losses = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")) if "loss" in r}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(0 < v < 5 for v in losses.values())
+    assert result["val_samples"] == 16 and 0 < result["val_loss"] < 5
+    png = sorted((tmp_path / "a" / "reconstructions").glob("*.png"))
+    assert png and Image.open(png[-1]).size == (3 * 32, 4 * 32)  # original | masked | reconstruction, 4 rows
+    again = config("a")
+    resumed = Trainer(again, resume=str(tmp_path / "a" / "checkpoints" / "step00000002"))
+    resumed.fit()
+    after = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")) if "loss" in r}
+    for step in (3, 4, 5, 6):
+        assert after[step] == pytest.approx(losses[step], abs=1e-6), (step, after[step], losses[step])
+    paths = export_run(str(tmp_path / "a"), layouts=None)
+    assert sorted(p.rsplit(".", 2)[1] for p in paths) == ["encoder", "official", "ours"]
+    encoder = next(p for p in paths if ".encoder." in p)
+    clf = build_model("swin_tiny", img_size=32, window_size=4, num_classes=8, embed_dim=16, depths=(1, 1),
+                      num_heads=(1, 2))
+    report = load_pretrained(clf, encoder, reset_head=True)
+    assert report.reinitialized and not report.dropped
+    ours = next(p for p in paths if ".ours." in p)
+    _, meta = read_checkpoint(ours)
+    assert meta["simmim"] == {"norm_target_patch": None}
+
+
+def test_unlabelled_shards_are_refused_for_classification_naming_the_fix(unlabelled_shards):
+    from pretrain.data.loader import LoaderConfig, ShardLoader
+    from pretrain.data.manifest import DataError
+    with pytest.raises(DataError, match="unlabelled .* task=simmim"):
+        ShardLoader(LoaderConfig(unlabelled_shards, batch_size=8, workers=1))

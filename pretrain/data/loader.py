@@ -33,15 +33,19 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
 import fsspec
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import DataSection
+from ..architecture import mask_problem
+from ..config import DataSection, SimMIMSection
+from ..models.simmim import MaskGenerator
 from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
 from .manifest import DataError, resolve_split_once
 from .plan import EpochPlan, Piece, train_plan
-from .transforms import AugConfig, decode, eval_decode_min_side, eval_transform, seeded, train_transform
+from .transforms import (AugConfig, decode, eval_decode_min_side, eval_transform, seeded, simmim_transform,
+                         train_transform)
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "png", "webp")  # the image member, first found (timm's reader: 'jpg;png;webp')
@@ -67,6 +71,7 @@ class LoaderConfig:
     start_method: str = DataSection.start_method  # worker processes: auto, fork, spawn or forkserver
     num_classes: int = 0  # the model's: a label outside [0, num_classes) stops the run naming it (0: unchecked)
     aug: AugConfig = field(default_factory=AugConfig)
+    simmim: Optional[SimMIMSection] = None  # set: SimMIM batches (images, masks); labels are not read
 
     @classmethod
     def from_section(cls, data: DataSection, source: str, split: str, **rest) -> "LoaderConfig":
@@ -153,12 +158,16 @@ def mp_context(method: str) -> mp.context.BaseContext:
 
 
 class ShardStream(IterableDataset):
-    """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,)."""
+    """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,).
+    SimMIM (cfg.simmim): masks (B, H/4, W/4) uint8 in the labels' place."""
 
     def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool):
         self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
         split = resolve_split_once(cfg.source, cfg.split, world)
         self.shards, self.alt_label = split.shards, split.alt_label
+        if cfg.simmim is None and not split.labelled:
+            raise DataError(f"{cfg.source}: split {cfg.split!r} is unlabelled (written with make_shards --no-labels): "
+                            "classification needs labels; train it with task=simmim, or shard a labelled source")
         if cfg.num_classes and split.num_classes and split.num_classes > cfg.num_classes:
             raise DataError(f"{cfg.source}: its manifest says {split.num_classes} classes, more than the model's "
                             f"{cfg.num_classes} (model.num_classes): set model.num_classes={split.num_classes}, "
@@ -175,8 +184,17 @@ class ShardStream(IterableDataset):
         # Made in the workers' own context: a lock made for fork can't be passed to spawned workers.
         ctx = mp_context(cfg.start_method)
         self._epoch, self._start, self.corrupt = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
-        aug = cfg.aug
-        self.transform = train_transform(aug) if training else eval_transform(aug)
+        aug, mim = cfg.aug, cfg.simmim
+        self.masks = None
+        if mim is not None:
+            problem = mask_problem(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio, prefix="simmim.")
+            if problem:
+                raise DataError(problem)
+            self.masks = MaskGenerator(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio)
+            self.transform = (simmim_transform(aug, mim.crop_scale, mim.crop_ratio) if training
+                              else eval_transform(aug))
+        else:
+            self.transform = train_transform(aug) if training else eval_transform(aug)
         self.min_side = eval_decode_min_side(aug)  # evaluation; training decodes per crop
         self.corrupt_shards: set[str] = set()  # per worker process, for the error message
         self._plan: Optional[EpochPlan] = None  # the current epoch's, made once per process (workers: copies)
@@ -314,6 +332,8 @@ class ShardStream(IterableDataset):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise KeyError(f"no image member ({', '.join(IMAGE_KEYS)}); it has {sorted(sample)}")
+            if self.masks is not None:
+                return self._decode_masked(key, data)
             label = int(sample["cls"])
             if self.cfg.num_classes and not 0 <= label < self.cfg.num_classes:
                 raise DataError(f"{url}: sample {key} has label {label}, outside the model's {self.cfg.num_classes} "
@@ -335,6 +355,17 @@ class ShardStream(IterableDataset):
                                 f"data.max_corrupt={self.cfg.max_corrupt}); last {key}: {e}; shards: "
                                 f"{sorted(self.corrupt_shards)}") from None
             return None
+
+    def _decode_masked(self, key: str, data: bytes):
+        """SimMIM: (image, mask). Training masks are seeded by (seed, epoch, key), as the augmentation;
+        validation masks by the key alone, so every run is scored on the same masks."""
+        if self.training:
+            image = seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data)
+            rng = np.random.default_rng(mix_seed(self.cfg.seed, self.epoch, key, "mask"))
+        else:
+            image = self.transform(decode(data, self.min_side))
+            rng = np.random.default_rng(mix_seed("simmim-validation", key))
+        return image, torch.from_numpy(self.masks(rng))
 
     def _batches(self, role: int) -> Iterator:
         pieces, quota = self.plan()
@@ -367,7 +398,8 @@ class ShardStream(IterableDataset):
         # (B, 3, H, W) in channels-last memory: the transforms' (3, H, W) tensors are views of HWC
         # arrays, so stacking them as HWC is a plain copy (a strided one otherwise).
         images = torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
-        batch = (images, torch.tensor(labels, dtype=torch.long))
+        targets = torch.stack(labels) if self.masks is not None else torch.tensor(labels, dtype=torch.long)
+        batch = (images, targets)
         if not self.training:
             batch += (torch.ones(len(labels), dtype=torch.bool),)
         return batch + (keys,) if self.cfg.return_keys else batch
@@ -481,8 +513,9 @@ class ShardLoader:
 
     def _padding_batch(self):
         s = self.cfg.aug.img_size
-        batch = (torch.zeros(1, 3, s, s, dtype=torch.uint8), torch.zeros(1, dtype=torch.long),
-                 torch.zeros(1, dtype=torch.bool))
+        target = (torch.zeros(1, s // 4, s // 4, dtype=torch.uint8) if self.cfg.simmim is not None
+                  else torch.zeros(1, dtype=torch.long))
+        batch = (torch.zeros(1, 3, s, s, dtype=torch.uint8), target, torch.zeros(1, dtype=torch.bool))
         return batch + ([""],) if self.cfg.return_keys else batch
 
     def close(self) -> None:

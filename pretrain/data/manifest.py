@@ -37,6 +37,7 @@ class Split:
     shards: list[Shard]
     alt_label: Optional[str] = None  # json field holding the label; samples where it is < 0 are left out
     num_classes: Optional[int] = None  # the manifest's (our writer's `num_classes`), when it says
+    labelled: bool = True  # False: our writer's shards of an unlabelled folder (no `cls` members)
 
     @property
     def num_samples(self) -> int:
@@ -128,7 +129,7 @@ def resolve_split(source: str, split: str) -> Split:
         raise DataError(f"{manifest}: split {split!r} alt_label must be a json field name or null, got {alt!r}")
     check_manifest(manifest, split, s, shards, check_index=alt is None)
     n = info.get("num_classes") if alt is None else None  # an alt_label split counts other classes
-    return Split(shards, alt, n if isinstance(n, int) and n > 0 else None)
+    return Split(shards, alt, n if isinstance(n, int) and n > 0 else None, info.get("labelled", True) is not False)
 
 
 def index_counts(index_url: str) -> Optional[dict[str, int]]:

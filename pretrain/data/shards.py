@@ -1,7 +1,8 @@
-"""Write labelled images as WebDataset tar shards (timm's `imagenet-22k-wds` layout) and verify them.
+"""Write images as WebDataset tar shards (timm's `imagenet-22k-wds` layout) and verify them.
 
 Each sample is `<key>.jpg`, `<key>.cls` (class index, ASCII) and `<key>.json` (label, class name, width,
-height, source). Beside the shards: `_info.json` (timm's format), `_index.parquet` (one row per sample),
+height, source). An unlabelled folder (`labelled=False`, for SimMIM) gives `<key>.jpg` and `<key>.json`
+(width, height, source) and a manifest with `"labelled": false`. Beside the shards: `_info.json` (timm's format), `_index.parquet` (one row per sample),
 `classes.txt` (class index = line number) and `_errors.json` (inputs skipped, with the reason).
 
 Resumable: each shard is written under a temporary name and renamed when complete, with its index rows
@@ -63,6 +64,7 @@ class WriteOptions:
     image_column: Optional[str] = None
     label_column: str = "label"
     start_method: str = "auto"  # worker pool: auto (the platform's default), fork, spawn or forkserver
+    labelled: bool = True  # False: a folder of images without classes (SimMIM); no `cls` members are written
 
 
 # ------------------------------------------------------------------------------------------- sources
@@ -89,6 +91,21 @@ def _list_folder(root: str) -> Listing:
                     except OSError as e:  # a dangling symlink, a symlink loop, no permission
                         problems.append({"source": p, "class": cls, "reason": f"unreadable: {e.strerror or e}"})
     return Listing(items, set(classes), problems)
+
+
+def _list_unlabelled(root: str) -> Listing:
+    """Every image under `root`, at any depth, with no class (class name "")."""
+    items, problems = [], []
+    for dirpath, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            if f.lower().endswith(IMAGE_EXTS):
+                p = os.path.join(dirpath, f)
+                try:
+                    items.append(Item(("file", p), "", os.path.getsize(p)))
+                except OSError as e:
+                    problems.append({"source": p, "class": "", "reason": f"unreadable: {e.strerror or e}"})
+    return Listing(items, {""}, problems)
 
 
 def _list_class_tars(root: str) -> Listing:
@@ -154,8 +171,17 @@ def refuse_output_inside_source(src: str, out: str) -> None:
 
 def list_items(opts: WriteOptions) -> Listing:
     kind = detect_source(opts.src)
+    if not opts.labelled:
+        if kind != "folder":
+            raise DataError(f"{opts.src}: --no-labels takes a folder of images (at any depth); for {kind} sources "
+                            "leave it out")
+        return _list_unlabelled(opts.src)
     if kind == "folder":
-        return _list_folder(opts.src)
+        listing = _list_folder(opts.src)
+        if not listing.class_names and any(f.lower().endswith(IMAGE_EXTS) for f in os.listdir(opts.src)):
+            raise DataError(f"{opts.src}: images but no class folders: for an unlabelled set (SimMIM) pass "
+                            "--no-labels; for classification put each class's images in a folder of its own")
+        return listing
     if kind == "tars":
         return _list_class_tars(opts.src)
     return _list_parquet(opts.src, opts.label_column)
@@ -306,11 +332,16 @@ def write_shard(job: ShardJob) -> tuple[str, int, list[dict]]:
             except (ValueError, OSError, KeyError) as e:
                 errors.append({"source": it.source, "class": it.class_name, "reason": str(e)})
                 continue
-            label = job.classes[it.class_name]
-            meta = {"label": label, "class_name": it.class_name, "width": w, "height": h, "source": it.source}
+            labelled = job.opts.labelled
+            label = job.classes[it.class_name] if labelled else -1
+            meta = ({"label": label, "class_name": it.class_name} if labelled else {}) | {
+                "width": w, "height": h, "source": it.source}
             if note:
                 meta["note"] = note
-            sink.write({"__key__": key, "jpg": jpg, "cls": str(label).encode(), "json": json.dumps(meta).encode()})
+            sample = {"__key__": key, "jpg": jpg, "json": json.dumps(meta).encode()}
+            if labelled:
+                sample["cls"] = str(label).encode()
+            sink.write(sample)
             rows.append({"key": key, "shard": job.name, "label": label, "class_name": it.class_name,
                          "bytes": len(jpg), "width": w, "height": h, "source": it.source})
             if note:
@@ -343,7 +374,8 @@ def _finished(fs, out: str, name: str) -> bool:
 
 
 def _plan_fingerprint(opts: WriteOptions, n_items: int) -> dict:
-    return {**{k: getattr(opts, k) for k in PLAN_FIELDS}, "n_items": n_items}
+    plan = {**{k: getattr(opts, k) for k in PLAN_FIELDS}, "n_items": n_items}
+    return plan if opts.labelled else {**plan, "labelled": False}  # labelled plans keep their older form
 
 
 def _check_plan(fs, out: str, plan: dict) -> None:
@@ -394,7 +426,8 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
                     bar.update(n)
     if bar:
         bar.close()
-    summary = write_manifest(opts.out, jobs, classes, problems, name=os.path.basename(opts.src.rstrip("/")))
+    summary = write_manifest(opts.out, jobs, classes if opts.labelled else [], problems,
+                             name=os.path.basename(opts.src.rstrip("/")), labelled=opts.labelled)
     summary.update(empty_classes=empty, skipped_shards=len(jobs) - len(todo), seconds=time.time() - t0,
                    written_images=sum(len(j.items) for j in todo))
     return summary
@@ -415,7 +448,7 @@ class _Serial:
 
 
 def write_manifest(out: str, jobs: list[ShardJob], classes: list[str], problems: list[dict] = (),
-                   name: str = "") -> dict:
+                   name: str = "", labelled: bool = True) -> dict:
     """_index.parquet, _info.json (timm's format; `name` is the source's, so the same input gives the same
     bytes wherever it is written), classes.txt and _errors.json (every input skipped or converted, every
     empty class)."""
@@ -436,8 +469,10 @@ def write_manifest(out: str, jobs: list[ShardJob], classes: list[str], problems:
         lengths = [counts[n] for n in names]
         splits[split] = {"name": split, "filenames": names, "shard_lengths": lengths, "num_samples": sum(lengths)}
     info = {"name": name or os.path.basename(out.rstrip("/")), "num_classes": len(classes), "splits": splits}
+    if not labelled:
+        info["labelled"] = False  # no `cls` members: the loader refuses them for classification
     write_bytes_atomic(_join(out, "_info.json"), json.dumps(info, indent=1).encode())
-    write_bytes_atomic(_join(out, "classes.txt"), ("\n".join(classes) + "\n").encode())
+    write_bytes_atomic(_join(out, "classes.txt"), "".join(c + "\n" for c in classes).encode())
     skipped = [e for e in errors if not e.get("kept") and not e.get("empty_class")]
     write_bytes_atomic(_join(out, "_errors.json"), json.dumps(errors, indent=1).encode())
     return {"samples": {s: v["num_samples"] for s, v in splits.items()},
@@ -455,6 +490,7 @@ def verify_shards(out: str) -> dict:
     info = read_manifest(find_manifest(out) or _join(out, "_info.json"))
     bad: list[dict] = []
     checked, decoded = 0, set()
+    labelled = info.get("labelled", True) is not False
     for split, s in info["splits"].items():
         alt = s.get("alt_label")
         for name, expected in zip(s["filenames"], s["shard_lengths"]):
@@ -471,13 +507,14 @@ def verify_shards(out: str) -> dict:
                             continue
                     n += 1
                     image = next((k for k in IMAGE_KEYS if k in sample), None)
-                    if image is None or "cls" not in sample:
+                    if image is None or (labelled and "cls" not in sample):
                         problems.append(f"{key}: missing {'an image (jpg, png, webp)' if image is None else 'cls'}")
                         continue
                     try:
                         if decode:
                             Image.open(io.BytesIO(sample[image])).load()
-                        int(sample["cls"])
+                        if labelled:
+                            int(sample["cls"])
                     except Exception as e:
                         problems.append(f"{key}: {type(e).__name__}: {e}")
             except FileNotFoundError:

@@ -47,7 +47,7 @@ def _patch_timm_posterize() -> None:
 
 _patch_timm_posterize()
 
-__all__ = ["AugConfig", "BatchAugment", "train_transform", "eval_transform"]
+__all__ = ["AugConfig", "BatchAugment", "train_transform", "simmim_transform", "eval_transform"]
 
 
 def decode(data: bytes, min_side: int = 0) -> Image.Image:
@@ -139,6 +139,18 @@ def train_transform(cfg: AugConfig) -> Callable[[bytes], torch.Tensor]:
     first, *rest = primary.transforms
     crop = DecodeRandomResizedCrop(first, draft=cfg.draft_decode, roi=roi_decoder(cfg.jpeg_roi))
     return T.Compose([crop, *rest, *secondary.transforms, to_uint8_tensor])
+
+
+def simmim_transform(cfg: AugConfig, scale: tuple[float, float], ratio: tuple[float, float]
+                     ) -> Callable[[bytes], torch.Tensor]:
+    """The official SimMIM transform: RandomResizedCrop (scale, ratio), horizontal flip, nothing else; uint8
+    out as the classification transform (normalized on the device), decoding only what the crop needs."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    rrc = RandomResizedCropAndInterpolation(cfg.img_size, scale=tuple(scale), ratio=tuple(ratio),
+                                            interpolation=cfg.interpolation)
+    crop = DecodeRandomResizedCrop(rrc, draft=cfg.draft_decode, roi=roi_decoder(cfg.jpeg_roi))
+    flip = [T.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
+    return T.Compose([crop, *flip, to_uint8_tensor])
 
 
 def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:

@@ -7,7 +7,7 @@
 
 The encoder is our SwinTransformer (no classifier): masked patch embeddings are replaced by a learned
 `mask_token` before the position embedding and dropout, every stage and the final norm run, a 1x1 conv to
-32^2*3 channels and PixelShuffle(32) decode the pixels, and the loss is L1 on the masked pixels only, divided
+stride^2*3 channels and PixelShuffle(stride) decode (stride 32 for four stages) the pixels, and the loss is L1 on the masked pixels only, divided
 by the channel count. `norm_target_patch` normalizes the targets by their local mean and variance (the
 official `norm_targets`, on in the V2 recipe). `MaskGenerator` draws the official masks.
 
@@ -26,24 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..architecture import mask_problem
 from . import swin
 from .swin import SwinConfig, SwinTransformer, build_config
 
-ENCODER_STRIDE = 32  # the official decoder's PixelShuffle factor (Swin's total downsampling)
 OUTPUTS = ("loss", "per_sample", "reconstruction")
-
-
-def mask_problem(img_size: int, mask_patch_size: int, patch_size: int, mask_ratio: float, prefix: str = "") -> str:
-    """Why a mask configuration can't work ("" if it can), naming the keys with `prefix`."""
-    if mask_patch_size <= 0 or img_size % mask_patch_size:
-        return (f"{prefix}mask_patch_size={mask_patch_size} does not divide the image size {img_size}: use a "
-                f"divisor of it (the recipe: 32 at 192)")
-    if mask_patch_size % patch_size:
-        return (f"{prefix}mask_patch_size={mask_patch_size} is not a multiple of the model's patch size "
-                f"{patch_size}: masks are whole patches")
-    if not 0 < mask_ratio < 1:
-        return f"{prefix}mask_ratio={mask_ratio} must be in (0, 1) (the recipe: 0.6)"
-    return ""
 
 
 class MaskGenerator:
@@ -92,7 +79,8 @@ class SimMIM(nn.Module):
         self.encoder = SwinTransformer(cfg)
         self.mask_token = nn.Parameter(torch.zeros(cfg.embed_dim))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        stride = ENCODER_STRIDE
+        # PixelShuffle by the encoder's total downsampling (32 for 4 stages, the official's encoder_stride)
+        stride = cfg.patch_size * 2 ** (len(cfg.depths) - 1)
         self.decoder = nn.Sequential(nn.Conv2d(self.encoder.num_features, stride ** 2 * 3, kernel_size=1),
                                      nn.PixelShuffle(stride))
         # The decoder keeps PyTorch's default Conv2d init, as the official (its init touches Linear only).

@@ -56,9 +56,9 @@ class AccelerateBackend(Backend):
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
         with self.acc.autocast():
-            return self.model(x).float()
+            return self.model(x, *rest).float()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         # DDP all-reduces only on the boundary's backward

@@ -45,8 +45,9 @@ class Backend:
         """torch.compile the model in place: parameter names (and so checkpoints) stay as they are."""
         self.module.compile()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 normalized images (B, 3, H, W) -> float32 logits, in the run's precision."""
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        """float32 normalized images (B, 3, H, W) (and the task's other inputs, e.g. SimMIM's mask) -> the
+        model's output (logits, a loss) as float32, computed in the run's precision."""
         raise NotImplementedError
 
     def autocast(self):

@@ -16,6 +16,7 @@ from ..collective import on_rank0
 from ..config import ConfigError, RunConfig, auto_augment_check, raise_failed
 from ..data.jpeg import roi_decoder
 from ..data.loader import LoaderConfig, ShardLoader
+from ..models import SimMIM, config_from_section, model_from_section
 from . import checkpointing as ckpt
 from .backend import Backend
 
@@ -66,8 +67,19 @@ def seed_everything(seed: int) -> None:
 def loader_config(cfg: RunConfig, source: str, split: str) -> LoaderConfig:
     """The shard loader's settings for one split of a run: the data section, the micro-batch per rank, the
     run's seed, augmentation and class count."""
+    simmim = cfg.task == "simmim"
     return LoaderConfig.from_section(cfg.data, source, split, batch_size=cfg.optim.micro_batch, seed=cfg.seed,
-                                     aug=cfg.aug, num_classes=cfg.model.num_classes)
+                                     aug=cfg.aug, num_classes=0 if simmim else cfg.model.num_classes,
+                                     simmim=cfg.simmim if simmim else None)
+
+
+def model_for(cfg: RunConfig) -> torch.nn.Module:
+    """The model a run trains: the model section's Swin, or (task simmim) SimMIM on that Swin as the encoder."""
+    if cfg.task != "simmim":
+        return model_from_section(cfg.model)
+    model = SimMIM(config_from_section(cfg.model), cfg.simmim.norm_target_patch or None)
+    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    return model
 
 
 def val_loader(cfg: RunConfig, backend: Backend) -> ShardLoader:

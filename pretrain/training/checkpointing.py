@@ -232,7 +232,13 @@ def check_same_architecture(cfg, saved_config: str) -> None:
     if not os.path.exists(saved_config):
         return
     with open(saved_config) as f:
-        saved = json.load(f).get("model", {})
+        whole = json.load(f)
+    if whole.get("task", "classification") != cfg.task:
+        raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the run was saved with task "
+                          f"{whole.get('task', 'classification')!r}, this config says task={cfg.task!r}: resume with "
+                          "the saved task; to fine-tune a SimMIM run, export it (python -m pretrain.release) and "
+                          "give it to finetune/run.py --pretrained")
+    saved = whole.get("model", {})
     now = cfg.to_dict()["model"]
     changed = {k: (saved.get(k), now.get(k)) for k in ARCHITECTURE_KEYS if k in saved and saved[k] != now[k]}
     if changed:
@@ -261,6 +267,15 @@ def saved_model_section(ckpt_dir: str, tag: str, warn: Callable[[str], None] = p
         warn(f"warning: {path}: ignoring model key(s) this version does not know: "
              f"{', '.join('model.' + k for k in extra)}")
     return from_dict(ModelSection, {k: v for k, v in model.items() if k in known}, "model.")
+
+
+def saved_simmim(ckpt_dir: str, tag: str) -> Optional[int]:
+    """For a SimMIM run's checkpoint, its norm_target_patch (0: off); None for any other task."""
+    with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
+        saved = json.load(f)
+    if saved.get("task", "classification") != "simmim":
+        return None
+    return int((saved.get("simmim") or {}).get("norm_target_patch", 0) or 0)
 
 
 def write_state(path: str, state: dict[str, torch.Tensor]) -> None:

@@ -78,8 +78,8 @@ class DeepSpeedBackend(Backend):
     def compile(self) -> None:
         self.engine.compile()  # the engine's own: module.compile() with the accelerator's backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x.to(self.dtype)).float()
+    def forward(self, x: torch.Tensor, *rest) -> torch.Tensor:
+        return self.engine(x.to(self.dtype), *rest).float()
 
     def backward(self, loss: torch.Tensor, boundary: bool) -> None:
         # The engine counts micro-batches itself (it divides the loss by the accumulation steps and reduces

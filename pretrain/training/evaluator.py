@@ -8,13 +8,17 @@ with a warning (short or corrupt shards), never silently.
 """
 from __future__ import annotations
 
+import io
 import logging
+import os
 from typing import Callable, Optional
 
 import torch
+from PIL import Image
 
 from ..config import RunConfig
 from ..data.loader import ShardLoader
+from ..io import write_bytes_atomic
 from ..models import model_from_section
 from .backend import Backend
 from .build import join, printer, val_loader
@@ -25,8 +29,10 @@ log = logging.getLogger("pretrain")
 
 class Evaluator:
     def __init__(self, backend: Backend, loader: ShardLoader, task: Task, source: str = "",
-                 print0: Callable[[str], None] = print):
+                 print0: Callable[[str], None] = print, out_dir: str = ""):
+        """`out_dir`: where the task's pictures go (`<out_dir>/reconstructions/`); "": none are written."""
         self.backend, self.loader, self.task, self.source, self.print0 = backend, loader, task, source, print0
+        self.out_dir = out_dir
 
     @torch.no_grad()
     def __call__(self, forward: Optional[Forward] = None, prefix: str = "val_") -> dict:
@@ -45,12 +51,26 @@ class Evaluator:
     def report(self, step: int, ema=None) -> dict:
         """The weights' metrics (and the EMA copy's, `val_ema_*`), printed as one line on rank 0."""
         m = self(prefix="val_")
+        self._picture(step)
         line = f"eval at update {step}: {self.task.describe(m, 'val_')}  ({m['val_samples']} images)"
         if ema is not None:
             m.update(self(ema.forward_in(self.backend.autocast), prefix="val_ema_"))
             line += f"  EMA {self.task.describe(m, 'val_ema_')}"
         self.print0(line)
         return m
+
+    @torch.no_grad()
+    def _picture(self, step: int) -> None:
+        """The task's picture of this evaluation (every rank draws: the forward may be collective; rank 0
+        writes it, atomically)."""
+        image = self.task.picture(self.backend.forward)
+        if image is None or not self.out_dir or self.backend.rank != 0:
+            return
+        path = os.path.join(self.out_dir, "reconstructions", f"step{step:08d}.png")
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        write_bytes_atomic(path, buf.getvalue())
+        self.print0(f"reconstructions (original | masked | reconstructed): {path}")
 
     def _check_count(self, metrics: dict, prefix: str) -> None:
         seen, expected = metrics.get(prefix + "samples"), self.loader.num_samples

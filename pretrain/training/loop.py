@@ -21,7 +21,6 @@ import torch
 
 from ..config import RunConfig
 from ..io import write_bytes_atomic
-from ..models import model_from_section
 from ..seeding import mix_seed
 from . import build, checkpointing as ckpt
 from .checkpoint_manager import CheckpointManager, LoaderPosition
@@ -30,7 +29,7 @@ from .faults import Faults
 from .metrics import MetricsWriter, StepStats, forward_flops
 from .optim import WeightEma, build_optimizer, build_scheduler, nonfinite
 from .preemption import Preemption, act
-from .task import Classification, Task
+from .task import Task, task_for
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,7 +44,7 @@ class Stage:
     layer_decay: float = 1.0
     ema_decay: float = 0.0
     on_finish: Optional[Callable[["Trainer", str], None]] = None  # (trainer, final tag): e.g. export
-    task: Optional[Callable[[RunConfig, torch.device], Task]] = None  # default: classification
+    task: Optional[Callable[[RunConfig, torch.device], Task]] = None  # default: the config's `task`
 
 
 @dataclass
@@ -84,7 +83,7 @@ class Trainer:
         self.rank, self.world, self.device, self.print0 = b.rank, b.world, b.device, build.printer(b.rank)
         self.accum = cfg.accumulation(self.world)
         build.seed_everything(cfg.seed + self.rank)
-        model = model_from_section(cfg.model)
+        model = build.model_for(cfg)
         if self.stage.init_weights is not None and not resume:
             self.stage.init_weights(model)
         self.stats = StepStats(self.device, forward_flops(model, cfg.model.img_size) if self.rank == 0 else 0.0)
@@ -92,13 +91,13 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay)
         b.prepare(model, self.optimizer, self.accum)
         self.compiled = build.compile_model(b, cfg, self.print0)
-        self.task = (self.stage.task or Classification)(cfg, self.device)
+        self.task = (self.stage.task or task_for(cfg))(cfg, self.device)
         if not resume:
             ckpt.refuse_existing_run(cfg.run_dir, cfg.checkpoint_dir)
         self.data = build.plan_training(cfg, b, self.accum, self.print0)
         self.train_loader, self.total_updates = self.data.loader, self.data.total_updates
         self.scheduler = build_scheduler(self.optimizer, cfg, self.data.updates_per_epoch)
-        self.evaluator = (Evaluator(b, build.val_loader(cfg, b), self.task, cfg.data.val, self.print0)
+        self.evaluator = (Evaluator(b, build.val_loader(cfg, b), self.task, cfg.data.val, self.print0, cfg.run_dir)
                           if cfg.data.val else None)
         self.state, self.signals, self._micro, self._grad_norm = TrainState(), Preemption(), 0, None
         self._last_eval, self._preempt_code, self.result = -1, 0, {}

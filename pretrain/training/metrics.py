@@ -42,9 +42,10 @@ def forward_flops(model: torch.nn.Module, img_size: int) -> float:
     for m in attention:
         m.impl = "math"
     counter = FlopCounterMode(display=False)
+    inputs = model.example_inputs() if hasattr(model, "example_inputs") else (torch.zeros(1, 3, img_size, img_size),)
     try:
         with counter, torch.no_grad():
-            model(torch.zeros(1, 3, img_size, img_size))
+            model(*inputs)
     finally:
         for m, impl in zip(attention, kept):
             m.impl = impl

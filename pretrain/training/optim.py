@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 
 from ..config import AugConfig, RunConfig
 
@@ -68,12 +69,19 @@ class SkipNonFinite:
             del optimizer.found_inf
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_per_epoch: int) -> CosineLRScheduler:
-    """Linear warm-up from warmup_lr, then cosine to min_lr, stepped per update; all three lrs scaled by
-    global_batch / lr_scale_batch (official recipe)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_per_epoch: int) -> Scheduler:
+    """Linear warm-up from warmup_lr, then cosine to min_lr (or, `multistep`, x decay_rate at each of
+    decay_epochs: SimMIM's pretraining), stepped per update; the lrs scaled by global_batch / lr_scale_batch
+    (official recipe)."""
     o = cfg.optim
     warmup = int(o.warmup_epochs * updates_per_epoch)
     scale = o.global_batch / o.lr_scale_batch
+    if o.schedule == "multistep":
+        # The official SimMIM schedule decays at update t == milestone; timm's at t + 1 == milestone (its
+        # documented convention), and with warmup_prefix=False both count t from the first update.
+        milestones = [int(e * updates_per_epoch) + 1 for e in o.decay_epochs]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=o.decay_rate, warmup_t=warmup,
+                                    warmup_lr_init=o.warmup_lr * scale, warmup_prefix=False, t_in_epochs=False)
     return CosineLRScheduler(optimizer, t_initial=max(1, o.epochs * updates_per_epoch - warmup),
                              lr_min=o.min_lr * scale, warmup_lr_init=o.warmup_lr * scale, warmup_t=warmup,
                              warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
