@@ -40,6 +40,17 @@ def unlabelled_shards(tmp_path_factory) -> str:
     return str(root / "shards" / "_info.json")
 
 
+@pytest.fixture(scope="session")
+def simmim_reference(unlabelled_shards, tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted SimMIM run of 12 updates on 2 DeepSpeed ranks (ZeRO-1, bf16, two epochs): the losses
+    every interrupted SimMIM run (killed, requeued across two Slurm nodes) must reproduce."""
+    cfg = simmim_config(unlabelled_shards, tmp_path_factory.mktemp("simmim") / "ref", optim={"max_steps": 12})
+    ok(launch(cfg))
+    want = losses(cfg["run_dir"])
+    assert sorted(want) == list(range(1, 13))
+    return want
+
+
 def simmim_config(shards: str, run_dir: Path, **sections) -> dict:
     """base_config as a SimMIM run: 32 px, mask squares of 8 px, no classification keys."""
     cfg = base_config(shards, run_dir, **sections)

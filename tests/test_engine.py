@@ -14,7 +14,7 @@ import torch
 from pretrain.config import ConfigError, load_config
 from pretrain.training.checkpointing import load_run_weights
 
-from conftest import REPO, base_config, entry, launch, losses, ok, torchrun, write_config
+from conftest import REPO, base_config, entry, launch, losses, ok, simmim_config, torchrun, write_config
 
 
 def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
@@ -70,8 +70,18 @@ def test_shipped_configs_load_with_the_official_recipe():
 def test_sigkill_one_rank_then_resume_auto_matches_uninterrupted(shards, tmp_path):
     ref = base_config(shards, tmp_path / "ref", optim={"max_steps": 12})
     ok(launch(ref))
-    want = losses(ref["run_dir"])
-    cfg = base_config(shards, tmp_path / "killed", optim={"max_steps": 12})
+    kill_one_rank_then_resume(base_config(shards, tmp_path / "killed", optim={"max_steps": 12}), losses(ref["run_dir"]))
+
+
+def test_simmim_sigkill_one_rank_then_resume_auto_matches_uninterrupted(unlabelled_shards, simmim_reference, tmp_path):
+    """SimMIM on unlabelled shards, the same way: resumed losses equal the uninterrupted run's (to 1e-6)."""
+    kill_one_rank_then_resume(simmim_config(unlabelled_shards, tmp_path / "killed", optim={"max_steps": 12}),
+                              simmim_reference)
+
+
+def kill_one_rank_then_resume(cfg: dict, want: dict[int, float]) -> None:
+    """SIGKILL one of 2 ranks after the checkpoint at update 4; `--resume auto` continues from it and
+    updates 5-12 log the uninterrupted run's losses (to 1e-6)."""
     proc = launch(cfg, wait=False, faults={"sleep_s": 0.4})
     pointer = Path(cfg["run_dir"], "checkpoints", "latest_complete")
     deadline = time.time() + 300
