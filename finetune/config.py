@@ -11,6 +11,9 @@ from pretrain.config import RunConfig, in_range, load_config, opt
 class FinetuneSection:
     pretrained: str = opt("", (
         "our run/checkpoint dir, an exported .safetensors, an official .pth, timm weights; URL ok"))
+    from_scratch: bool = opt(False, (
+        "start from random weights with the fine-tune recipe (the baseline a pretrained start is measured "
+        "against); finetune.pretrained must then be empty"))
     reset_head: bool = opt(False, "zero-initialize the classifier instead of loading/mapping it")
     allow_pickle: bool = opt(False, "load .pth files holding more than tensors (runs pickle: trusted files only)")
     layer_decay: float = opt(1.0, "< 1: layer-wise lr decay (deeper blocks get larger lr)")
@@ -29,6 +32,11 @@ class FinetuneConfig(RunConfig):
         return super().checks() + [
             in_range(f.layer_decay, "finetune.layer_decay", 0, 1, lo_open=True),
             in_range(f.ema_decay, "finetune.ema_decay", 0, 1, hi_open=True),
+            (not (f.from_scratch and f.pretrained), f"finetune.from_scratch with finetune.pretrained="
+             f"{f.pretrained!r}: choose one (drop --pretrained, or --from-scratch)"),
+            (self.task == "classification", f"task={self.task!r}: fine-tuning trains a classifier (task "
+             "classification); SimMIM is a pretraining task (python -m pretrain.train with task=simmim), whose "
+             "run fine-tunes from --pretrained"),
         ]
 
 
@@ -39,8 +47,9 @@ def load_finetune_config(path: str, overrides: list[str] = ()) -> FinetuneConfig
 def missing_inputs(cfg: FinetuneConfig, eval_only: bool, resuming: bool) -> list[str]:
     """What the run still needs, phrased as the flag that provides it."""
     out = []
-    if not cfg.finetune.pretrained and not resuming:
-        out.append("--pretrained PATH_OR_URL (our run dir or export, an official .pth, timm weights)")
+    if not cfg.finetune.pretrained and not cfg.finetune.from_scratch and not resuming:
+        out.append("--pretrained PATH_OR_URL (our run dir or export, an official .pth, timm weights), or "
+                   "--from-scratch")
     if not eval_only and not (cfg.data.train and cfg.data.val):
         out.append("--data DIR_OR_URL (shards with _info.json or info.json: 'train' and 'validation' splits)")
     elif eval_only and not cfg.data.val:

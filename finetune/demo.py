@@ -10,7 +10,15 @@
    V2 moves to the new window through its continuous position bias, with the checkpoint's windows),
 5. evaluates, prints top-1 and where everything is, and draws the loss/accuracy curves to a PNG.
 A second run reuses the images, the shards and finished checkpoints.
+
+    python launch/demo.py --task simmim [--pretrain-steps 0] [--finetune-epochs 0]
+
+SimMIM instead of supervised pretraining (configs/simmim_tiny_cpu.json: masked image modelling, 64 px, window 4,
+16 px mask squares; the labels are not read), its validation reconstruction loss per epoch and a picture of
+its reconstructions, then two fine-tunes at 96 px / window 6 in the same budget: from the SimMIM weights (bias
+tables by the SimMIM geometric spline) and from random init; their top-1 side by side and in the curves PNG.
 """
+import glob
 import json
 import os
 import subprocess
@@ -66,39 +74,57 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (0: config)")
     p.add_argument("--out", default="runs", help="where data and runs go")
     p.add_argument("--arch", choices=["v1", "v2"], default="v1", help="Swin (v1) or Swin V2")
+    p.add_argument("--task", choices=["classification", "simmim"], default="classification",
+                   help="supervised pretraining, or SimMIM + a fine-tune against one from random init")
     a = p.parse_args(argv)
-    return cli.run(lambda: demo(a), show_result=False)
+    if a.task == "simmim" and a.arch != "v1":
+        p.error("--task simmim runs the Swin V1 demo (configs/simmim_tiny_cpu.json)")
+    return cli.run(lambda: demo(a) if a.task == "classification" else demo_simmim(a), show_result=False)
 
 
-def demo(a) -> int:
-    out = a.out.rstrip("/")
+def prepare_data(out: str, n: int) -> tuple[str, dict]:
+    """Steps 1-2 of N: the image set and its shards (reused when there); returns (the manifest, the env)."""
     images, shards = f"{out}/data/images", f"{out}/data/shards"
-    name = "swin_tiny_cpu" if a.arch == "v1" else "swinv2_tiny_cpu"
-    pre_dir, ft_dir = f"{out}/{name}", f"{out}/{name}_ft"
-    print(f"[1/5] image set: {make_image_folder(images, num_classes=10, per_class=40, size=(80, 64))}")
+    print(f"[1/{n}] image set: {make_image_folder(images, num_classes=10, per_class=40, size=(80, 64))}")
     s = write_shards(WriteOptions(images, shards, val_per_class=8, samples_per_shard=40), progress=False)
-    print(f"[2/5] shards: {shards} {s['samples']} ({s['skipped_shards']} shard(s) were already there)")
+    print(f"[2/{n}] shards: {shards} {s['samples']} ({s['skipped_shards']} shard(s) were already there)")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
-    info = f"{shards}/_info.json"
+    return f"{shards}/_info.json", env
+
+
+def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> None:
+    """DeepSpeed pretraining on --ranks processes (continuing a finished run), then its export."""
     sets = [f"run_dir={pre_dir}", f"data.train={info}", f"data.val={info}", "log.progress=false"]
     if a.pretrain_steps:
         sets.append(f"optim.max_steps={a.pretrain_steps}")
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
-    print(f"[3/5] pretraining on {a.ranks} rank(s){' (continuing the finished run)' if done else ''}", flush=True)
-    run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "launch/pretrain.py", "--config",
-         f"configs/{name}.json", *(["--resume", "auto"] if done else []), "--set", *sets], env)
+    print(f"{step} pretraining on {a.ranks} rank(s){' (continuing the finished run)' if done else ''}", flush=True)
+    run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "launch/pretrain.py", "--config", config,
+         *(["--resume", "auto"] if done else []), "--set", *sets], env)
     run([sys.executable, "-m", "pretrain.release", pre_dir], env)
-    ft_sets = [f"data.train={info}", f"data.val={info}"]
-    ft_args = ["--config", f"configs/finetune/{name}.json", "--res", "96", "--window", "6", "--pretrained",
-               pre_dir, "--output", ft_dir, "--set", *ft_sets]
+
+
+def finetune(a, config: str, start: list[str], ft_dir: str, info: str, env: dict, step: str) -> None:
+    """finetune/run.py at 96 px / window 6 under torchrun; `start`: --pretrained DIR or --from-scratch."""
+    ft_args = ["--config", config, "--res", "96", "--window", "6", *start, "--output", ft_dir,
+               "--set", f"data.train={info}", f"data.val={info}"]
     if a.finetune_epochs:
         ft_args += ["--epochs", str(a.finetune_epochs)]
     ft_done = os.path.exists(f"{ft_dir}/checkpoints/latest_complete")
-    print(f"[4/5] fine-tuning at 96 px, window 6{' (continuing the finished run)' if ft_done else ''}", flush=True)
+    print(f"{step} at 96 px, window 6{' (continuing the finished run)' if ft_done else ''}", flush=True)
     run([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "finetune/run.py", *ft_args,
          *(["--resume", "auto"] if ft_done else [])], env)
+
+
+def demo(a) -> int:
+    out = a.out.rstrip("/")
+    name = "swin_tiny_cpu" if a.arch == "v1" else "swinv2_tiny_cpu"
+    pre_dir, ft_dir = f"{out}/{name}", f"{out}/{name}_ft"
+    info, env = prepare_data(out, 5)
+    pretrain(a, f"configs/{name}.json", pre_dir, info, env, "[3/5]")
+    finetune(a, f"configs/finetune/{name}.json", ["--pretrained", pre_dir], ft_dir, info, env, "[4/5] fine-tuning")
     pre = [r for r in records(f"{pre_dir}/metrics.jsonl") if "val_top1" in r]
     ft = [r for r in records(f"{ft_dir}/metrics.jsonl") if "val_top1" in r]
     png = plot(pre_dir, ft_dir, f"{out}/demo_curves.png")
@@ -108,6 +134,63 @@ def demo(a) -> int:
     if ft:
         print(f"  fine-tuned   top-1 {ft[-1]['val_top1']:.1f}% (chance 10%) on {ft[-1]['val_samples']} images")
     print(f"  runs:        {pre_dir} and {ft_dir} (config.json, metrics.jsonl, checkpoints/, export/)")
+    print(f"  curves:      {png}")
+    return 0
+
+
+def plot_simmim(pre_dir: str, runs: dict[str, str], out: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    recs = records(os.path.join(pre_dir, "metrics.jsonl"))
+    for key, label in (("loss", "training"), ("val_loss", "validation (fixed masks)")):
+        pts = {r["step"]: r[key] for r in recs if key in r}
+        axes[0].plot(list(pts), list(pts.values()), marker="o" if key == "val_loss" else None, label=label)
+    axes[0].set(title="SimMIM pretraining 64px/w4: masked L1", xlabel="update", ylabel="loss")
+    for name, d in runs.items():
+        recs = records(os.path.join(d, "metrics.jsonl"))
+        loss = {r["step"]: r["loss"] for r in recs if "loss" in r}
+        acc = {r["step"]: r["val_top1"] for r in recs if "val_top1" in r}
+        axes[1].plot(list(loss), list(loss.values()), label=name)
+        axes[2].plot(list(acc), list(acc.values()), marker="o", label=name)
+    axes[1].set(title="fine-tune 96px/w6: training loss", xlabel="update", ylabel="loss")
+    axes[2].set(title="fine-tune: validation top-1", xlabel="update", ylabel="%")
+    axes[2].axhline(10, color="grey", linestyle=":", label="chance")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def demo_simmim(a) -> int:
+    out = a.out.rstrip("/")
+    pre_dir, ft_dir, scratch_dir = f"{out}/simmim_tiny_cpu", f"{out}/simmim_tiny_cpu_ft", f"{out}/scratch_tiny_cpu_ft"
+    info, env = prepare_data(out, 6)
+    pretrain(a, "configs/simmim_tiny_cpu.json", pre_dir, info, env, "[3/6] SimMIM")
+    config = "configs/finetune/simmim_tiny_cpu.json"
+    finetune(a, config, ["--pretrained", pre_dir], ft_dir, info, env, "[4/6] fine-tuning from SimMIM")
+    finetune(a, config, ["--from-scratch"], scratch_dir, info, env, "[5/6] fine-tuning from random init")
+    evals = [r for r in records(f"{pre_dir}/metrics.jsonl") if "val_loss" in r]
+    pictures = sorted(glob.glob(f"{pre_dir}/reconstructions/*.png"))
+    png = plot_simmim(pre_dir, {"from SimMIM": ft_dir, "from random init": scratch_dir}, f"{out}/demo_simmim_curves.png")
+    print("[6/6] results")
+    if evals:
+        print(f"  SimMIM validation reconstruction loss: {evals[0]['val_loss']:.4f} at update {evals[0]['step']} -> "
+              f"{evals[-1]['val_loss']:.4f} at update {evals[-1]['step']} ({evals[-1]['val_samples']} images, "
+              "fixed masks)")
+    tops = {}
+    for name, d in (("from SimMIM", ft_dir), ("from random init", scratch_dir)):
+        ev = [r for r in records(f"{d}/metrics.jsonl") if "val_top1" in r]
+        if ev:
+            tops[name] = ev[-1]["val_top1"]
+    if tops:
+        print("  fine-tuned top-1 (chance 10%, same recipe and budget): " +
+              "  |  ".join(f"{k} {v:.1f}%" for k, v in tops.items()))
+    print(f"  reconstructions: {pictures[-1] if pictures else '(none)'}")
+    print(f"  runs:        {pre_dir}, {ft_dir}, {scratch_dir}")
     print(f"  curves:      {png}")
     return 0
 

@@ -23,6 +23,7 @@ def parse(argv=None):
     p.add_argument("--res", type=int, help="input resolution (default: the config's)")
     p.add_argument("--window", type=int, help="attention window (default: res/32, so 12 at 384)")
     p.add_argument("--pretrained", help="our run dir or export, an official .pth, timm weights; path or URL")
+    p.add_argument("--from-scratch", action="store_true", help="random init with the same recipe (a baseline)")
     p.add_argument("--data", help="shard folder (its _info.json or info.json) or manifest, with 'train' and "
                                   "'validation' splits")
     p.add_argument("--num-classes", type=int)
@@ -42,8 +43,11 @@ def main(argv: Optional[list[str]] = None, faults=None) -> int:
     config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
 
     def job() -> dict:
-        cfg = revalidate(with_flags(load_finetune_config(config, a.set), a.res, a.window, a.pretrained, a.data,
-                                    a.num_classes, a.epochs, a.batch_size, a.output))
+        cfg = load_finetune_config(config, a.set)
+        if a.from_scratch:
+            cfg.finetune.from_scratch, cfg.finetune.pretrained = True, ""
+        cfg = revalidate(with_flags(cfg, a.res, a.window, a.pretrained, a.data, a.num_classes, a.epochs,
+                                    a.batch_size, a.output))
         missing = missing_inputs(cfg, a.eval_only, bool(a.resume))
         if missing:
             raise ConfigError(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window "

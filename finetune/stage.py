@@ -76,7 +76,9 @@ def finetune_stage(cfg: FinetuneConfig) -> Stage:
     """The fine-tuning Stage; a Swin V2 model's pretrained windows are filled in from the checkpoint first."""
     derive_pretrained_windows(cfg)
     ft = cfg.finetune
-    return Stage(name="fine-tuning", init_weights=lambda model: load_weights(cfg, model),
+    if ft.from_scratch:
+        print0("weights: random init (finetune.from_scratch)")
+    return Stage(name="fine-tuning", init_weights=None if ft.from_scratch else lambda model: load_weights(cfg, model),
                  layer_decay=ft.layer_decay, ema_decay=ft.ema_decay, on_finish=export_finetuned)
 
 

@@ -669,6 +669,8 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
     if "config" in meta:  # ours: read_checkpoint keeps only our own, parsed
         return SwinConfig(**meta["config"])
+    if is_simmim_state(sd):  # a SimMIM checkpoint: its encoder's architecture
+        sd = {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in split_state(sd)[0].items()}
     raw = sd
     if detect_layout(sd, meta) == "official":
         sd = from_official(sd)
@@ -690,6 +692,8 @@ def pretrained_windows_of(source: Source, *, allow_pickle: bool = False) -> Opti
     fine-tuned from it should pass as `pretrained_window_sizes`), from our metadata or the official
     `relative_coords_table` buffers; None where the file doesn't say (timm's layout) or for V1."""
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    if is_simmim_state(sd):
+        sd = split_state(sd)[0]
     return _trained_windows(sd, meta) if family(sd) == 2 else None
 
 

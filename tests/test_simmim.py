@@ -206,3 +206,14 @@ def test_unlabelled_shards_are_refused_for_classification_naming_the_fix(unlabel
     from pretrain.data.manifest import DataError
     with pytest.raises(DataError, match="unlabelled .* task=simmim"):
         ShardLoader(LoaderConfig(unlabelled_shards, batch_size=8, workers=1))
+
+
+def test_an_official_v2_simmim_file_says_its_windows_and_architecture(tmp_path):
+    """The windows the fine-tune needs come off the official SimMIM file's coordinate tables (the issue's
+    `invalid literal for int() ... 'layers'` was this read); its architecture reads off its encoder."""
+    from pretrain.weights import config_from_checkpoint, pretrained_windows_of
+    path = tmp_path / "simmim_v2_official.pth"
+    torch.save({"model": reference(2)["model"]}, path)
+    assert pretrained_windows_of(str(path)) == (12, 12, 12, 6)
+    cfg = config_from_checkpoint(str(path))
+    assert (cfg.version, cfg.embed_dim, cfg.depths, cfg.window_size, cfg.num_classes) == (2, 8, (2, 2, 2, 2), 12, 0)
