@@ -29,14 +29,14 @@ class FinetuneConfig(RunConfig):
 
     def checks(self) -> list[tuple[bool, str]]:
         f = self.finetune
-        return super().checks() + [
+        task = (self.task == "classification", f"task={self.task!r}: fine-tuning trains a classifier (task "
+                "classification); SimMIM is a pretraining task (python -m pretrain.train with task=simmim), whose "
+                "run fine-tunes from --pretrained")
+        return [task] + super().checks() + [
             in_range(f.layer_decay, "finetune.layer_decay", 0, 1, lo_open=True),
             in_range(f.ema_decay, "finetune.ema_decay", 0, 1, hi_open=True),
             (not (f.from_scratch and f.pretrained), f"finetune.from_scratch with finetune.pretrained="
              f"{f.pretrained!r}: choose one (drop --pretrained, or --from-scratch)"),
-            (self.task == "classification", f"task={self.task!r}: fine-tuning trains a classifier (task "
-             "classification); SimMIM is a pretraining task (python -m pretrain.train with task=simmim), whose "
-             "run fine-tunes from --pretrained"),
         ]
 
 

@@ -217,3 +217,99 @@ def test_an_official_v2_simmim_file_says_its_windows_and_architecture(tmp_path):
     assert pretrained_windows_of(str(path)) == (12, 12, 12, 6)
     cfg = config_from_checkpoint(str(path))
     assert (cfg.version, cfg.embed_dim, cfg.depths, cfg.window_size, cfg.num_classes) == (2, 8, (2, 2, 2, 2), 12, 0)
+
+
+# ------------------------------------------------------------------------------------------ configuration
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shipped_simmim_configs_carry_the_official_recipes():
+    """configs/simmim_*.json against microsoft/Swin-Transformer configs/simmim/*.yaml (and config.py's defaults
+    for what the yaml leaves out: clip 5, weight decay 0.05, the lr scaled per 512 images)."""
+    from finetune.config import load_finetune_config
+    from pretrain.config import load_config
+    v1 = load_config(os.path.join(REPO, "configs/simmim_swin_b_192.json"))
+    v2 = load_config(os.path.join(REPO, "configs/simmim_swinv2_b_192.json"))
+    for c, window in ((v1, 6), (v2, 12)):
+        o = c.optim
+        assert c.task == "simmim" and c.model.img_size == 192 and c.model.window_size == window
+        assert (o.epochs, o.warmup_epochs, o.base_lr, o.warmup_lr, o.weight_decay, o.clip_grad) == (
+            800, 10, 1e-4, 5e-7, 0.05, 5.0)
+        assert (o.schedule, o.decay_epochs, o.decay_rate, o.lr_scale_batch) == ("multistep", [700], 0.1, 512)
+        assert (c.simmim.mask_patch_size, c.simmim.mask_ratio) == (32, 0.6)
+        assert tuple(c.simmim.crop_scale) == (0.67, 1.0) and c.aug.interpolation == "bilinear"
+    assert (v1.model.drop_path_rate, v1.simmim.norm_target_patch) == (0.0, 0)
+    assert (v2.model.drop_path_rate, v2.simmim.norm_target_patch) == (0.1, 47)
+    f1 = load_finetune_config(os.path.join(REPO, "configs/finetune/simmim_swin_b_224.json"))
+    f2 = load_finetune_config(os.path.join(REPO, "configs/finetune/simmim_swinv2_b_224.json"))
+    for f, window, ld in ((f1, 7, 0.8), (f2, 14, 0.75)):
+        o = f.optim
+        assert (f.model.img_size, f.model.window_size, f.finetune.layer_decay) == (224, window, ld)
+        assert (o.epochs, o.warmup_epochs, o.base_lr, o.warmup_lr, o.min_lr) == (100, 20, 1.25e-3, 2.5e-7, 2.5e-7)
+    assert f2.model.pretrained_window_sizes == [12, 12, 12, 6]
+
+
+def test_multistep_schedule_is_the_official_one():
+    """The official MultiStepLRScheduler (lr_scheduler.py): t < warmup: warmup_lr + t * (lr - warmup_lr) / warmup;
+    after: lr * gamma ** (number of milestones <= t), milestones = epochs * updates per epoch."""
+    import bisect
+    from pretrain.config import load_config
+    from pretrain.training.optim import build_scheduler
+    cfg = load_config(None, ["task=simmim", "model.img_size=192", "optim.schedule=multistep", "optim.epochs=8",
+                             "optim.decay_epochs=[5, 7]", "optim.warmup_epochs=1", "optim.global_batch=512"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, updates_per_epoch=10)
+    base, warm = cfg.lr, cfg.optim.warmup_lr
+    for t in range(80):
+        sched.step_update(t)
+        want = warm + t * (base - warm) / 10 if t < 10 else base * 0.1 ** bisect.bisect_right([50, 70], t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), t
+
+
+@pytest.mark.parametrize("override, message", [
+    ("simmim.mask_patch_size=40", "simmim.mask_patch_size=40 does not divide the image size 192"),
+    ("simmim.mask_patch_size=6", "simmim.mask_patch_size=6 is not a multiple of the model's patch size 4"),
+    ("simmim.mask_ratio=1.2", "simmim.mask_ratio=1.2 must be in (0, 1)"),
+    ("simmim.norm_target_patch=46", "simmim.norm_target_patch=46 must be 0 (off) or an odd window"),
+    ("aug.mixup=0", "aug.mixup act(s) nowhere with task=simmim"),
+    ("model.num_classes=10", "model.num_classes=10 acts nowhere with task=simmim"),
+])
+def test_a_bad_simmim_config_is_one_line_naming_the_key(capsys, override, message):
+    from pretrain import train
+    rc = train.main(["--config", os.path.join(REPO, "configs/simmim_swin_b_192.json"), "--set", override])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_simmim_keys_in_a_classification_run_and_simmim_fine_tuning_are_refused():
+    from finetune.config import load_finetune_config
+    from pretrain.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="simmim.mask_ratio act.* only with task=simmim"):
+        load_config(os.path.join(REPO, "configs/swin_tiny_cpu.json"), ["simmim.mask_ratio=0.5"])
+    with pytest.raises(ConfigError, match="fine-tuning trains a classifier"):
+        load_finetune_config(os.path.join(REPO, "configs/finetune/swin_tiny_cpu.json"), ["task=simmim"])
+
+
+def test_make_shards_no_labels_writes_and_verifies_an_unlabelled_folder(capsys, tmp_path):
+    """`make_shards write --no-labels` over nested folders and loose files: jpg + json samples, no cls, a manifest
+    that says so, and `verify` passes; without the flag a folder of loose images names --no-labels."""
+    import json
+    from PIL import Image
+    from pretrain import make_shards
+    src = tmp_path / "photos"
+    (src / "a" / "b").mkdir(parents=True)
+    for i, d in enumerate([src, src / "a", src / "a" / "b"] * 3):
+        Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(d / f"img{i}.jpg")
+    assert make_shards.main(["write", str(src), str(tmp_path / "out"), "--no-labels", "--samples-per-shard", "4",
+                             "--val-per-class", "1", "--no-progress"]) == 0
+    info = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert info["labelled"] is False and info["num_classes"] == 0
+    assert info["splits"]["train"]["num_samples"] == 8 and info["splits"]["validation"]["num_samples"] == 1
+    from pretrain.data.loader import iter_samples
+    with open(tmp_path / "out" / info["splits"]["train"]["filenames"][0], "rb") as f:
+        members = {k for _, sample in iter_samples(f) for k in sample}
+    assert members == {"jpg", "json"}
+    assert make_shards.main(["verify", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    assert make_shards.main(["write", str(src), str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert "outside the class folders (e.g. img0.jpg): for an unlabelled set (SimMIM) pass --no-labels" in capsys.readouterr().err

@@ -178,9 +178,12 @@ def list_items(opts: WriteOptions) -> Listing:
         return _list_unlabelled(opts.src)
     if kind == "folder":
         listing = _list_folder(opts.src)
-        if not listing.class_names and any(f.lower().endswith(IMAGE_EXTS) for f in os.listdir(opts.src)):
-            raise DataError(f"{opts.src}: images but no class folders: for an unlabelled set (SimMIM) pass "
-                            "--no-labels; for classification put each class's images in a folder of its own")
+        loose = [f for f in os.listdir(opts.src) if f.lower().endswith(IMAGE_EXTS)]
+        if loose:  # they belong to no class: never dropped without a word
+            what = "images but no class folders" if not listing.class_names else (
+                f"{len(loose)} image(s) outside the class folders (e.g. {sorted(loose)[0]})")
+            raise DataError(f"{opts.src}: {what}: for an unlabelled set (SimMIM) pass --no-labels; for "
+                            "classification put each class's images in a folder of its own")
         return listing
     if kind == "tars":
         return _list_class_tars(opts.src)
