@@ -74,7 +74,8 @@ class Classification(Task):
 class MaskedImageModeling(Task):
     """SimMIM: batches are (uint8 images, masks (B, H/4, W/4)); the loss is the model's masked L1 (official);
     evaluation reports the masked reconstruction loss over the split, with the loader's fixed validation masks
-    (seeded by sample key), so runs are comparable; `picture` draws original | masked | reconstruction."""
+    (seeded by sample key), so runs are comparable; `picture` draws original | masked | reconstruction (in the
+    masked squares, over the visible input)."""
 
     name = "simmim"
     SHOWN = 4  # validation images in the picture
@@ -118,7 +119,8 @@ class MaskedImageModeling(Task):
         m = mask.float().repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
         def pixels(t: torch.Tensor) -> torch.Tensor:
             return (t * self.std + self.mean).clamp(0, 1)
-        cols = [pixels(x), pixels(x) * (1 - m) + 0.5 * m, pixels(rec)]  # masked squares drawn grey
+        # masked squares drawn grey; the reconstruction shown where it is trained (masked), the input elsewhere
+        cols = [pixels(x), pixels(x) * (1 - m) + 0.5 * m, pixels(x) * (1 - m) + pixels(rec) * m]
         grid = torch.cat([torch.cat(list(c), dim=1) for c in cols], dim=2)  # (3, rows*H, 3*W)
         return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
