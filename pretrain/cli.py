@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 from typing import Callable, Optional
@@ -50,9 +51,18 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+def printer(rank: int) -> Callable[[str], None]:
+    """The one rank-0 printer: rank 0 logs and prints a message; the other ranks say nothing."""
+    def print0(msg: str) -> None:
+        if rank == 0:
+            logging.getLogger("pretrain").info(msg)
+            print(msg, flush=True)
+    return print0
+
+
 def print0(msg: str) -> None:
-    if rank() == 0:
-        print(msg, flush=True)
+    """`printer` for code without a backend at hand: the rank read the one way (`rank()`)."""
+    printer(rank())(msg)
 
 
 def common(config: bool = False, resume: bool = False) -> argparse.ArgumentParser:

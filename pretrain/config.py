@@ -557,7 +557,10 @@ def validate(cfg: RunConfig) -> None:
 # Keys that act only in some runs (the "applies to" column of docs/config.md); every other key acts in both
 # stages, on either backend. A key that would act nowhere in a run is an error there (run_checks).
 APPLIES = {"optim.zero_stage": "backend deepspeed", "deepspeed": "backend deepspeed",
-           "finetune.": "fine-tuning"}
+           "finetune.": "fine-tuning", "simmim.": "task simmim (pretraining)", "task": "pretraining (fine-tuning: "
+           "classification only)", "optim.decay_epochs": "optim.schedule multistep",
+           "optim.decay_rate": "optim.schedule multistep", "optim.min_lr": "optim.schedule cosine",
+           "model.num_classes": "task classification", **{f"aug.{k}": "task classification" for k in CLASSIFICATION_ONLY}}
 
 
 def reference_markdown(extra: tuple = ()) -> str:

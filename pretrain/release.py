@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def job() -> None:
-        for path in export_run(a.path, a.out, a.tag, tuple(a.layouts) if a.layouts else None, warn=lambda m: print(m, file=sys.stderr)):
+        layouts = tuple(a.layouts) if a.layouts else None
+        for path in export_run(a.path, a.out, a.tag, layouts, warn=lambda m: print(m, file=sys.stderr)):
             print(f"wrote {path}")
     return cli.run(job)
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import slurm
+from ..cli import printer
 from ..collective import on_rank0
 from ..config import ConfigError, RunConfig, auto_augment_check, raise_failed
 from ..data.jpeg import roi_decoder
@@ -47,15 +48,6 @@ def join(cfg: RunConfig, name: str, ema_decay: float = 0.0, lock: Optional[ckpt.
         f" (ZeRO-{cfg.zero_stage})" if backend.name == "deepspeed" else "") + f", {cfg.optim.precision}, device "
         f"{backend.device.type}")
     return backend
-
-
-def printer(rank: int) -> Callable[[str], None]:
-    """Rank 0 logs and prints a message; the other ranks say nothing."""
-    def print0(msg: str) -> None:
-        if rank == 0:
-            log.info(msg)
-            print(msg, flush=True)
-    return print0
 
 
 def seed_everything(seed: int) -> None:
