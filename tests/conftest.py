@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
+from pretrain.models import build_model
+from pretrain.weights import export
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -135,3 +138,33 @@ def losses(run_dir) -> dict[int, float]:
 
 def ok(result) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ fine-tuning (test_finetune, test_slurm)
+TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=8)
+
+
+def official_checkpoint(path: Path) -> str:
+    """A seeded tiny Swin at 32 px / window 4, exported in the official layout."""
+    torch.manual_seed(0)
+    model = build_model("swin_tiny", img_size=32, window_size=4, **TINY)
+    return export(model, str(path), layout="official")
+
+
+def finetune_config(tmp_path: Path, shards: str, pretrained: str, epochs: int, **sections) -> str:
+    """A tiny fine-tune (48 px, window 6) of `pretrained` on the `shards` fixture, written to tmp_path/ft.json."""
+    cfg = json.loads((REPO / "configs/finetune/swin_tiny_cpu.json").read_text())
+    cfg["run_dir"] = str(tmp_path / "ft")
+    cfg["model"] = {"variant": "swin_tiny", "img_size": 48, "window_size": 6, "drop_path_rate": 0.0,
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
+    cfg["data"] = {"train": shards, "val": shards, "workers": 1, "shuffle_buffer": 32}
+    cfg["aug"] = {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0, "eval_crop": False}
+    cfg["optim"].update(global_batch=16, micro_batch=8, epochs=epochs, warmup_epochs=0.5, base_lr=3e-3,
+                        lr_scale_batch=16, min_lr=1e-4, warmup_lr=1e-5)
+    cfg["log"] = {"every_steps": 1, "progress": False, "tensorboard": False}
+    cfg["finetune"]["pretrained"] = pretrained
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)

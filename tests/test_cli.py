@@ -116,3 +116,16 @@ def test_the_training_modules_import_one_another_without_a_cycle():
         return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in deps[start])
     assert not any(reaches(n, n, {n}) for n in names), deps
     assert not deps["backend"] and "loop" not in set().union(*deps.values())
+
+
+def test_tests_do_not_import_each_other():
+    """Shared fixtures and helpers live in tests/conftest.py: no test module imports another."""
+    import ast
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent
+    names = {f.stem for f in tests.glob("test_*.py")}
+    for f in sorted(tests.glob("*.py")):
+        tree = ast.parse(f.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & names, f"{f.name} imports {imported & names}"

@@ -15,39 +15,11 @@ import torch
 from pretrain.weights import export, load_pretrained
 from pretrain.models import build_model
 
-from conftest import DEEPSPEED, REPO, entry, losses, torchrun
-
-TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=8)
-
-
-def official_checkpoint(path: Path) -> str:
-    """A seeded tiny Swin at 32 px / window 4, exported in the official layout."""
-    torch.manual_seed(0)
-    model = build_model("swin_tiny", img_size=32, window_size=4, **TINY)
-    return export(model, str(path), layout="official")
-
+from conftest import DEEPSPEED, REPO, TINY, entry, finetune_config as config, losses, official_checkpoint, torchrun
 
 @pytest.fixture(scope="module")
 def official_ckpt(tmp_path_factory):
     return official_checkpoint(tmp_path_factory.mktemp("pre") / "tiny_official.pth")
-
-
-def config(tmp_path: Path, shards: str, pretrained: str, epochs: int, **sections) -> str:
-    cfg = json.loads((REPO / "configs/finetune/swin_tiny_cpu.json").read_text())
-    cfg["run_dir"] = str(tmp_path / "ft")
-    cfg["model"] = {"variant": "swin_tiny", "img_size": 48, "window_size": 6, "drop_path_rate": 0.0,
-                    **{k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}}
-    cfg["data"] = {"train": shards, "val": shards, "workers": 1, "shuffle_buffer": 32}
-    cfg["aug"] = {"auto_augment": None, "mixup": 0.0, "cutmix": 0.0, "re_prob": 0.0, "eval_crop": False}
-    cfg["optim"].update(global_batch=16, micro_batch=8, epochs=epochs, warmup_epochs=0.5, base_lr=3e-3,
-                        lr_scale_batch=16, min_lr=1e-4, warmup_lr=1e-5)
-    cfg["log"] = {"every_steps": 1, "progress": False, "tensorboard": False}
-    cfg["finetune"]["pretrained"] = pretrained
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / "ft.json"
-    path.write_text(json.dumps(cfg))
-    return str(path)
 
 
 def run(cfg: str, *args, env=(), wait=True, faults: dict | None = None):

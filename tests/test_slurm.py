@@ -16,7 +16,7 @@ import pytest
 
 from pretrain.slurm import SlurmEnvError, parse_nodelist, placement
 
-from conftest import REPO, base_config, losses, ok, simmim_config, torchrun
+from conftest import REPO, base_config, finetune_config, losses, official_checkpoint, ok, simmim_config, torchrun
 
 
 def test_nodelist_expansion():
@@ -229,7 +229,6 @@ def test_lost_node_ends_the_job_within_the_timeout_and_resume_auto_continues(sha
 
 
 def test_finetune_across_two_nodes_equals_one_host(shards, tmp_path):
-    from test_finetune import config as finetune_config, official_checkpoint
     require(TWO_NODES, 2)
     ckpt = official_checkpoint(tmp_path / "tiny_official.pth")
     for d in ("one", "two"):
