@@ -34,6 +34,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 BIN = os.path.dirname(sys.executable)
 
 
+def free_port() -> int:
+    """A free TCP port for a launcher's rendezvous: two demos (or a demo and a test) at once must not meet
+    on the launchers' default 29500."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(cmd: list[str], env: dict) -> None:
     print("  $ " + " ".join(cmd), flush=True)
     r = subprocess.run(cmd, env=env, cwd=ROOT)
@@ -101,7 +110,8 @@ def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> N
         sets.append(f"optim.max_steps={a.pretrain_steps}")
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
     print(f"{step} pretraining on {a.ranks} rank(s){' (continuing the finished run)' if done else ''}", flush=True)
-    run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "launch/pretrain.py", "--config", config,
+    run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
+         "launch/pretrain.py", "--config", config,
          *(["--resume", "auto"] if done else []), "--set", *sets], env)
     run([sys.executable, "-m", "pretrain.release", pre_dir], env)
 
@@ -114,7 +124,8 @@ def finetune(a, config: str, start: list[str], ft_dir: str, info: str, env: dict
         ft_args += ["--epochs", str(a.finetune_epochs)]
     ft_done = os.path.exists(f"{ft_dir}/checkpoints/latest_complete")
     print(f"{step} at 96 px, window 6{' (continuing the finished run)' if ft_done else ''}", flush=True)
-    run([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "finetune/run.py", *ft_args,
+    run([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "--master_port", str(free_port()), "finetune/run.py",
+         *ft_args,
          *(["--resume", "auto"] if ft_done else [])], env)
 
 

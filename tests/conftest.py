@@ -109,19 +109,25 @@ def entry(app: str, faults: dict | None) -> list[str]:
     return ["tests/faulty_train.py", app, "--faults", json.dumps(faults, separators=(",", ":"))]
 
 
-def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, port_offset: int = 0,
-           faults: dict | None = None):
-    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command);
-    `port_offset` for a second job running at the same time."""
-    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port",
-           str(29500 + (os.getpid() + port_offset) % 1000),
+def free_port() -> int:
+    """A TCP port free now, for one launch's rendezvous: tests run in parallel (pytest-xdist), and two jobs
+    must never meet on one port (a fixed port per process would collide between workers)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, faults: dict | None = None):
+    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command)."""
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
            *entry("pretrain", faults), "--config", cfg["_path"], *args]
     return _run(cmd, env, wait)
 
 
 def torchrun(script_args: list[str], ranks: int = 2, env: dict = (), wait: bool = True):
     """`torchrun --nproc_per_node RANKS SCRIPT_ARGS` on CPU (gloo)."""
-    cmd = [TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(29700 + os.getpid() % 200), *script_args]
+    cmd = [TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *script_args]
     return _run(cmd, env, wait)
 
 

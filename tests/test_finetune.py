@@ -15,7 +15,8 @@ import torch
 from pretrain.weights import export, load_pretrained
 from pretrain.models import build_model
 
-from conftest import DEEPSPEED, REPO, TINY, entry, finetune_config as config, losses, official_checkpoint, torchrun
+from conftest import (DEEPSPEED, REPO, TINY, entry, finetune_config as config, free_port, losses, official_checkpoint,
+                      torchrun)
 
 @pytest.fixture(scope="module")
 def official_ckpt(tmp_path_factory):
@@ -113,7 +114,7 @@ def test_missing_inputs_are_named():
 
 def test_finetune_under_deepspeed_zero2_exports_what_it_evaluated(shards, official_ckpt, tmp_path):
     cfg = config(tmp_path, shards, official_ckpt, epochs=2, backend="deepspeed", optim={"zero_stage": 2})
-    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(29600 + os.getpid() % 100), "finetune/run.py",
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), "finetune/run.py",
            "--config", cfg]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})

@@ -223,7 +223,7 @@ def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, t
         for line in first.stdout:  # wait until it trains
             if "first update after" in line:
                 break
-        second = launch(cfg, port_offset=37)
+        second = launch(cfg)
         assert first.poll() is None, "the first run ended before the second started: nothing was tested"
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         assert "is in use by another run (host " in second.stderr and "Traceback" not in second.stderr
