@@ -20,12 +20,11 @@ demo: install
 
 # tests/test_slurm.py needs Slurm: .ci/slurm_up.sh starts a one-node cluster on localhost and the two-node one
 # of .ci/slurm_2node.sh (network namespaces), as root;
-# tests/test_jpeg.py needs the libjpeg-turbo headers (.ci/system_deps.sh). Two pytest workers (pytest-xdist):
-# most tests wait on launched ranks, Slurm or a signal; the Slurm tests share one worker (xdist_group).
+# tests/test_jpeg.py needs the libjpeg-turbo headers (.ci/system_deps.sh).
 test: install
 	bash .ci/system_deps.sh
 	bash .ci/slurm_up.sh
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q
 
 docs: install
 	$(PY) -m finetune.config > docs/config.md

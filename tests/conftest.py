@@ -110,8 +110,8 @@ def entry(app: str, faults: dict | None) -> list[str]:
 
 
 def free_port() -> int:
-    """A TCP port free now, for one launch's rendezvous: tests run in parallel (pytest-xdist), and two jobs
-    must never meet on one port (a fixed port per process would collide between workers)."""
+    """A TCP port free now, for one launch's rendezvous: two jobs at once (a test's two runs, two test
+    sessions on one machine) must never meet on one port."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

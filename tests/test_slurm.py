@@ -18,9 +18,6 @@ from pretrain.slurm import SlurmEnvError, parse_nodelist, placement
 
 from conftest import REPO, base_config, finetune_config, losses, official_checkpoint, ok, simmim_config, torchrun
 
-# One cluster, one job at a time: every Slurm test on the same pytest-xdist worker (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group("slurm")
-
 
 def test_nodelist_expansion():
     assert parse_nodelist("node[01-04,07]") == ["node01", "node02", "node03", "node04", "node07"]
