@@ -52,9 +52,10 @@ def bench_baseline(root: str, limit: int) -> float:
     return min(limit, len(ds)) / (time.perf_counter() - t0)
 
 
-def bench_ours(info: str, limit: int, roi: str = "on") -> float:
+def bench_ours(info: str, limit: int, roi: str = "on", aug: AugConfig | None = None, **loader) -> float:
+    """Our ShardStream's training images/s in this process; `aug`/`loader`: other LoaderConfig settings."""
     cfg = LoaderConfig(info, batch_size=32, workers=0, shuffle_buffer=256,
-                       aug=AugConfig(img_size=224, jpeg_roi=roi))
+                       aug=aug or AugConfig(img_size=224, jpeg_roi=roi), **loader)
     stream = ShardStream(cfg, 0, 1, training=True)
     n, t0 = 0, time.perf_counter()
     for x, _ in stream:

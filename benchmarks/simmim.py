@@ -23,12 +23,11 @@ import numpy as np
 import torch
 
 from pretrain.config import SimMIMSection
-from pretrain.data.loader import LoaderConfig, ShardStream
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.transforms import AugConfig
 from pretrain.models import MaskGenerator, build_model, build_simmim
 
-from data_throughput import make_photos
+from data_throughput import bench_ours, make_photos
 
 
 def steps(variant: str, batch: int, dtype: str, n: int, warmup: int) -> tuple[float, float]:
@@ -61,15 +60,7 @@ def steps(variant: str, batch: int, dtype: str, n: int, warmup: int) -> tuple[fl
 
 def loader_rate(info: str, n: int, simmim: bool) -> float:
     aug = AugConfig(img_size=192, interpolation="bilinear") if simmim else AugConfig(img_size=192)
-    cfg = LoaderConfig(info, batch_size=32, workers=0, shuffle_buffer=256, aug=aug,
-                       simmim=SimMIMSection() if simmim else None)
-    stream = ShardStream(cfg, 0, 1, training=True)
-    got, t0 = 0, time.perf_counter()
-    for x, _ in stream:
-        got += x.shape[0]
-        if got >= n:
-            break
-    return got / (time.perf_counter() - t0)
+    return bench_ours(info, n, aug=aug, simmim=SimMIMSection() if simmim else None)
 
 
 def main() -> None:

@@ -54,26 +54,39 @@ def records(path: str) -> list[dict]:
     return [json.loads(x) for x in open(path)] if os.path.exists(path) else []
 
 
-def plot(pre_dir: str, ft_dir: str, out: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, d in (("pretrain 64px/w4", pre_dir), ("fine-tune 96px/w6", ft_dir)):
+def plot_runs(loss_ax, acc_ax, runs: dict[str, str]) -> None:
+    """Each run's training loss and validation top-1 (its metrics.jsonl) on two axes, chance marked."""
+    for name, d in runs.items():
         recs = records(os.path.join(d, "metrics.jsonl"))
         loss = {r["step"]: r["loss"] for r in recs if "loss" in r}
         acc = {r["step"]: r["val_top1"] for r in recs if "val_top1" in r}
-        axes[0].plot(list(loss), list(loss.values()), label=name)
-        axes[1].plot(list(acc), list(acc.values()), marker="o", label=name)
-    axes[0].set(title="training loss", xlabel="update", ylabel="loss")
-    axes[1].set(title="validation top-1", xlabel="update", ylabel="%")
-    axes[1].axhline(10, color="grey", linestyle=":", label="chance")
+        loss_ax.plot(list(loss), list(loss.values()), label=name)
+        acc_ax.plot(list(acc), list(acc.values()), marker="o", label=name)
+    acc_ax.axhline(10, color="grey", linestyle=":", label="chance")
+
+
+def figure(n: int):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(1, n, figsize=(5.5 * n, 4))
+
+
+def save(fig, axes, out: str) -> str:
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
+
+
+def plot(pre_dir: str, ft_dir: str, out: str) -> str:
+    fig, axes = figure(2)
+    plot_runs(axes[0], axes[1], {"pretrain 64px/w4": pre_dir, "fine-tune 96px/w6": ft_dir})
+    axes[0].set(title="training loss", xlabel="update", ylabel="loss")
+    axes[1].set(title="validation top-1", xlabel="update", ylabel="%")
+    return save(fig, axes, out)
 
 
 def main(argv=None) -> int:
@@ -150,30 +163,16 @@ def demo(a) -> int:
 
 
 def plot_simmim(pre_dir: str, runs: dict[str, str], out: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = figure(3)
     recs = records(os.path.join(pre_dir, "metrics.jsonl"))
     for key, label in (("loss", "training"), ("val_loss", "validation (fixed masks)")):
         pts = {r["step"]: r[key] for r in recs if key in r}
         axes[0].plot(list(pts), list(pts.values()), marker="o" if key == "val_loss" else None, label=label)
     axes[0].set(title="SimMIM pretraining 64px/w4: masked L1", xlabel="update", ylabel="loss")
-    for name, d in runs.items():
-        recs = records(os.path.join(d, "metrics.jsonl"))
-        loss = {r["step"]: r["loss"] for r in recs if "loss" in r}
-        acc = {r["step"]: r["val_top1"] for r in recs if "val_top1" in r}
-        axes[1].plot(list(loss), list(loss.values()), label=name)
-        axes[2].plot(list(acc), list(acc.values()), marker="o", label=name)
+    plot_runs(axes[1], axes[2], runs)
     axes[1].set(title="fine-tune 96px/w6: training loss", xlabel="update", ylabel="loss")
     axes[2].set(title="fine-tune: validation top-1", xlabel="update", ylabel="%")
-    axes[2].axhline(10, color="grey", linestyle=":", label="chance")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return save(fig, axes, out)
 
 
 def demo_simmim(a) -> int:
