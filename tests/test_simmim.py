@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.data.transforms import AugConfig
 from pretrain.models import MaskGenerator, build_model, build_simmim
 from pretrain.models.simmim import norm_targets, to_official
 from pretrain.weights import (CheckpointMismatchError, export, geometric_positions, load_pretrained,
@@ -313,3 +314,32 @@ def test_make_shards_no_labels_writes_and_verifies_an_unlabelled_folder(capsys, 
     capsys.readouterr()
     assert make_shards.main(["write", str(src), str(tmp_path / "out2"), "--no-progress"]) == 2
     assert "outside the class folders (e.g. img0.jpg): for an unlabelled set (SimMIM) pass --no-labels" in capsys.readouterr().err
+
+
+def test_the_picture_of_a_normalized_target_model_and_a_loader_mask_error():
+    """The evaluation picture (rows: images; columns: original | masked | reconstruction) with normalized
+    targets (V2 recipe) is drawn back in pixel space; a LoaderConfig with a bad mask is a DataError naming
+    the key."""
+    from pretrain.config import load_config
+    from pretrain.data.loader import LoaderConfig, ShardStream
+    from pretrain.data.manifest import DataError
+    from pretrain.config import SimMIMSection
+    from pretrain.training.task import MaskedImageModeling
+    cfg = load_config(None, ["task=simmim", "model.img_size=32", "simmim.mask_patch_size=8",
+                             "simmim.norm_target_patch=5"])
+    task = MaskedImageModeling(cfg, torch.device("cpu"))
+    model = build_simmim("swinv2_tiny", img_size=32, window_size=4, mask_patch_size=8, norm_target_patch=5,
+                         embed_dim=8, depths=(1, 1), num_heads=(1, 2)).eval()
+    gen = MaskGenerator(32, 8, 4, 0.6)
+    masks = torch.from_numpy(np.stack([gen(np.random.default_rng(i)) for i in range(3)]))
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        counts = task.eval_counts(model, (images, masks, torch.ones(3, dtype=torch.bool)))
+        picture = task.picture(model)
+    assert counts[2] == 3 and counts[1] == masks.sum() * 16  # masked pixels: 16 per masked token
+    assert picture.shape == (3 * 32, 3 * 32, 3) and picture.dtype == np.uint8
+    visible = (masks[0].repeat_interleave(4, 0).repeat_interleave(4, 1) == 0).numpy()
+    np.testing.assert_array_equal(picture[:32, 64:][visible], picture[:32, :32][visible])  # input where visible
+    with pytest.raises(DataError, match=r"simmim.mask_patch_size=12 does not divide the image size 32"):
+        ShardStream(LoaderConfig("unused.tar|10", simmim=SimMIMSection(mask_patch_size=12),
+                                 aug=AugConfig(img_size=32)), 0, 1, training=False)

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..architecture import mask_problem
 from ..config import DataSection, SimMIMSection
 from ..models.simmim import MaskGenerator
 from ..seeding import mix_seed
@@ -187,10 +186,10 @@ class ShardStream(IterableDataset):
         aug, mim = cfg.aug, cfg.simmim
         self.masks = None
         if mim is not None:
-            problem = mask_problem(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio, prefix="simmim.")
-            if problem:
-                raise DataError(problem)
-            self.masks = MaskGenerator(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio)
+            try:
+                self.masks = MaskGenerator(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio)
+            except ValueError as e:  # its message names the key (simmim.mask_patch_size, simmim.mask_ratio)
+                raise DataError(f"simmim.{e}") from None
             self.transform = (simmim_transform(aug, mim.crop_scale, mim.crop_ratio) if training
                               else eval_transform(aug))
         else:

@@ -55,9 +55,9 @@ class MaskGenerator:
         return mask.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
 
 
-def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
-    """The official `norm_targets`: each pixel by the mean and (unbiased) variance of its patch x patch
-    neighbourhood (borders: the pixels inside the image)."""
+def local_stats(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's mean and (unbiased) std over its patch x patch neighbourhood (borders: the pixels inside
+    the image), as the official `norm_targets` computes them (std with its 1e-6 inside the root)."""
     if patch % 2 != 1:
         raise ValueError(f"norm_target_patch must be odd, got {patch}")
     pad = patch // 2
@@ -65,7 +65,13 @@ def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
     sq_mean = F.avg_pool2d(x * x, patch, stride=1, padding=pad, count_include_pad=False)
     count = F.avg_pool2d(torch.ones_like(x), patch, stride=1, padding=pad, count_include_pad=True) * patch ** 2
     var = ((sq_mean - mean ** 2) * (count / (count - 1))).clamp(min=0.0)
-    return (x - mean) / (var + 1e-6) ** 0.5
+    return mean, (var + 1e-6) ** 0.5
+
+
+def norm_targets(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """The official `norm_targets`: each pixel normalized by its neighbourhood's `local_stats`."""
+    mean, std = local_stats(x, patch)
+    return (x - mean) / std
 
 
 class SimMIM(nn.Module):

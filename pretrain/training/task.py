@@ -10,10 +10,10 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..config import RunConfig
 from ..data.transforms import BatchAugment
+from ..models.simmim import local_stats
 from .metrics import topk_counts, topk_metrics
 from .optim import build_criterion
 
@@ -114,7 +114,8 @@ class MaskedImageModeling(Task):
         self._shown = None
         rec = forward(x, mask, "reconstruction").float()
         if self.norm_target_patch:  # back from locally normalized targets, by the original's local statistics
-            rec = local_denormalize(x, rec, self.norm_target_patch)
+            mean, std = local_stats(x, self.norm_target_patch)
+            rec = rec * std + mean
         p = x.shape[-1] // mask.shape[-1]
         m = mask.float().repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1)
         def pixels(t: torch.Tensor) -> torch.Tensor:
@@ -123,16 +124,6 @@ class MaskedImageModeling(Task):
         cols = [pixels(x), pixels(x) * (1 - m) + 0.5 * m, pixels(x) * (1 - m) + pixels(rec) * m]
         grid = torch.cat([torch.cat(list(c), dim=1) for c in cols], dim=2)  # (3, rows*H, 3*W)
         return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-def local_denormalize(x: torch.Tensor, rec: torch.Tensor, patch: int) -> torch.Tensor:
-    """Invert the official `norm_targets` with the original image's local mean and std (for pictures)."""
-    pad = patch // 2
-    mean = F.avg_pool2d(x, patch, stride=1, padding=pad, count_include_pad=False)
-    sq = F.avg_pool2d(x * x, patch, stride=1, padding=pad, count_include_pad=False)
-    count = F.avg_pool2d(torch.ones_like(x), patch, stride=1, padding=pad, count_include_pad=True) * patch ** 2
-    var = ((sq - mean ** 2) * (count / (count - 1))).clamp(min=0.0)
-    return rec * (var + 1e-6) ** 0.5 + mean
 
 
 TASKS = {"classification": Classification, "simmim": MaskedImageModeling}
