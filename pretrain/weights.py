@@ -136,7 +136,8 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
     for k, v in obj.items():
         if not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        sd[k[len("module."):] if k.startswith("module.") else k] = v
+        k = k[len("module."):] if k.startswith("module.") else k
+        sd[k.replace(".rpe_mlp.", ".cpb_mlp.")] = v  # the V2 CPB MLP's older name, read as the official loaders do
     if not any(".blocks." in k for k in sd):
         raise CheckpointError(f"{name}: no 'layers.*.blocks.*' keys: not a Swin checkpoint "
                               f"(first keys: {list(sd)[:5]})")
@@ -506,7 +507,6 @@ def load_pretrained(model: Union[SwinTransformer, SimMIM], source: Source, *, st
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
-    sd = {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in sd.items()}  # the official loaders' rename
     from_simmim = is_simmim_state(sd)
     extra: dict[str, torch.Tensor] = {}
     if from_simmim:
@@ -670,7 +670,7 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
     if "config" in meta:  # ours: read_checkpoint keeps only our own, parsed
         return SwinConfig(**meta["config"])
     if is_simmim_state(sd):  # a SimMIM checkpoint: its encoder's architecture
-        sd = {k.replace(".rpe_mlp.", ".cpb_mlp."): v for k, v in split_state(sd)[0].items()}
+        sd = split_state(sd)[0]
     raw = sd
     if detect_layout(sd, meta) == "official":
         sd = from_official(sd)
@@ -740,13 +740,12 @@ def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = No
     """Consolidated fp32 weights of one of our run checkpoints (newest complete, or `tag`) in each layout
     (default: all the model has; a SimMIM run: ours, official, encoder).
     Only the checkpoint's model section is read: a run with keys this version does not know still exports."""
-    from .models import config_from_section, model_from_section
+    from .models import model_from_section, simmim_from_section
     from .training.checkpointing import load_run_weights, resolve_tag, saved_model_section, saved_simmim
     ckpt_dir, tag = resolve_tag(path, tag)
     section = saved_model_section(ckpt_dir, tag, warn=warn)
     norm_target = saved_simmim(ckpt_dir, tag)
-    model = (model_from_section(section) if norm_target is None
-             else SimMIM(config_from_section(section), norm_target or None))
+    model = model_from_section(section) if norm_target is None else simmim_from_section(section, norm_target)
     model.load_state_dict(load_run_weights(ckpt_dir, tag), strict=True)
     out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
     c = model.cfg

@@ -153,12 +153,12 @@ def build_simmim(variant: str, img_size: int = 192, window_size: int = 6, norm_t
     return SimMIM(cfg, norm_target_patch)
 
 
-def simmim_from_config(cfg: SwinConfig | dict, norm_target_patch: Optional[int] = None) -> SimMIM:
-    if isinstance(cfg, dict):
-        cfg = dict(cfg)
-        norm_target_patch = (cfg.pop("simmim", None) or {}).get("norm_target_patch", norm_target_patch)
-        cfg = SwinConfig(**cfg)
-    return SimMIM(cfg, norm_target_patch)
+def simmim_from_section(m, norm_target_patch: int = 0) -> SimMIM:
+    """SimMIM on the encoder a run config's `model` section describes (`simmim.norm_target_patch`: 0 is off),
+    with its activation checkpointing set: the twin of `swin.model_from_section`."""
+    model = SimMIM(swin.config_from_section(m), norm_target_patch or None)
+    model.set_grad_checkpointing(m.grad_checkpointing)
+    return model
 
 
 # ------------------------------------------------------------------ the official SimMIM key layout

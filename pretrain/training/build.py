@@ -17,7 +17,7 @@ from ..collective import on_rank0
 from ..config import ConfigError, RunConfig, auto_augment_check, raise_failed
 from ..data.jpeg import roi_decoder
 from ..data.loader import LoaderConfig, ShardLoader
-from ..models import SimMIM, config_from_section, model_from_section
+from ..models import model_from_section, simmim_from_section
 from . import checkpointing as ckpt
 from .backend import Backend
 
@@ -69,9 +69,7 @@ def model_for(cfg: RunConfig) -> torch.nn.Module:
     """The model a run trains: the model section's Swin, or (task simmim) SimMIM on that Swin as the encoder."""
     if cfg.task != "simmim":
         return model_from_section(cfg.model)
-    model = SimMIM(config_from_section(cfg.model), cfg.simmim.norm_target_patch or None)
-    model.set_grad_checkpointing(cfg.model.grad_checkpointing)
-    return model
+    return simmim_from_section(cfg.model, cfg.simmim.norm_target_patch)
 
 
 def val_loader(cfg: RunConfig, backend: Backend) -> ShardLoader:
