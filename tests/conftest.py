@@ -101,6 +101,58 @@ def _run(cmd: list[str], env, wait: bool):
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=600)
 
 
+# ---------------------------------------------------------------- the preloaded launcher (tests/prelaunch.py)
+# Started when the session starts, so its imports overlap collection; one per session, ended with it.
+_PRELAUNCH: dict = {}
+
+
+def pytest_configure(config) -> None:
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="prelaunch")  # short: a Unix socket's path is at most 107 bytes
+    log = open(os.path.join(folder, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "prelaunch.py"), f"{folder}/sock"], cwd=REPO,
+                            env=_env({}), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _PRELAUNCH.update(proc=proc, sock=f"{folder}/sock", log=log.name, folder=folder)
+
+
+def pytest_unconfigure(config) -> None:
+    import shutil
+    import signal
+    if proc := _PRELAUNCH.get("proc"):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the server, and any job left running
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        shutil.rmtree(_PRELAUNCH["folder"], ignore_errors=True)
+
+
+def _prelaunch_socket() -> str:
+    import time
+    proc, sock = _PRELAUNCH["proc"], _PRELAUNCH["sock"]
+    deadline = time.time() + 300
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"tests/prelaunch.py did not start: {Path(_PRELAUNCH['log']).read_text()[-3000:]}")
+        time.sleep(0.1)
+    return sock
+
+
+def prelaunched(argv: list[str], ranks: int, env=(), dist: bool = True, timeout: float = 600):
+    """`argv` (SCRIPT ARGS, -m MODULE ARGS or -c CODE) on `ranks` processes forked from the preloaded server,
+    each as torchrun would start it (dist=False: a plain `python ARGV`); a subprocess.CompletedProcess."""
+    from prelaunch import request
+    job = {"argv": list(argv), "ranks": ranks, "env": _env(env), "cwd": str(REPO), "timeout": timeout,
+           "port": free_port(), "dist": dist}
+    r = request(_prelaunch_socket(), job)
+    return subprocess.CompletedProcess(["prelaunch", *argv], r["returncode"], r["stdout"], r["stderr"])
+
+
+def python(*args: str, env=(), timeout: float = 600):
+    """`python ARGS` (a script, -m MODULE or -c CODE) as one process, with the heavy imports preloaded."""
+    return prelaunched(list(args), 1, env, dist=False, timeout=timeout)
+
+
 def entry(app: str, faults: dict | None) -> list[str]:
     """The script a launcher starts: the documented one, or tests/faulty_train.py with `faults` handed to
     the entry point's main() (pretrain.training.Faults fields: nan, sleep_s, crash_in_save)."""
@@ -118,15 +170,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, faults: dict | None = None):
-    """`deepspeed launch/pretrain.py --config CFG ARGS` on `ranks` CPU ranks (the documented command)."""
-    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-           *entry("pretrain", faults), "--config", cfg["_path"], *args]
+def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, faults: dict | None = None,
+           launcher: str = "prelaunch"):
+    """The pretraining command, `launch/pretrain.py --config CFG ARGS`, on `ranks` CPU ranks: forked from the
+    preloaded server (the default, a finished CompletedProcess), or launcher="deepspeed": the documented
+    `deepspeed launch/pretrain.py ...` (and always with wait=False: a Popen whose ranks can be found and
+    signalled by their command line)."""
+    script = [*entry("pretrain", faults), "--config", cfg["_path"], *args]
+    if wait and launcher == "prelaunch":
+        return prelaunched(script, ranks, env)
+    assert launcher in ("prelaunch", "deepspeed"), launcher
+    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()), *script]
     return _run(cmd, env, wait)
 
 
-def torchrun(script_args: list[str], ranks: int = 2, env: dict = (), wait: bool = True):
-    """`torchrun --nproc_per_node RANKS SCRIPT_ARGS` on CPU (gloo)."""
+def torchrun(script_args: list[str], ranks: int = 2, env: dict = (), wait: bool = True, launcher: str = "prelaunch"):
+    """SCRIPT_ARGS on `ranks` CPU ranks (gloo): forked from the preloaded server, or launcher="torchrun" (and
+    always with wait=False): `torchrun --nproc_per_node RANKS SCRIPT_ARGS`."""
+    if wait and launcher == "prelaunch":
+        return prelaunched(script_args, ranks, env)
+    assert launcher in ("prelaunch", "torchrun"), launcher
     cmd = [TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *script_args]
     return _run(cmd, env, wait)
 

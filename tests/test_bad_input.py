@@ -4,8 +4,6 @@ import http.server
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from pretrain.data.synthetic import make_image_folder
 from pretrain.data.transforms import AugConfig
 from pretrain.models import build_model
 
-from conftest import REPO
+from conftest import python
 
 AUG = AugConfig(img_size=32, auto_augment=None)
 TINY = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), img_size=64, window_size=4)
@@ -57,8 +55,7 @@ def test_invalid_manifest_json_is_one_line_exit_2_in_training_and_verify(images,
     (out / "_info.json").write_text('{"splits": {"train": ')
     with pytest.raises(DataError, match=r"_info.json: not valid JSON"):
         build_loader(LoaderConfig(str(out / "_info.json"), batch_size=4, workers=0, aug=AUG))
-    r = subprocess.run([sys.executable, "-m", "pretrain.make_shards", "verify", str(out)], capture_output=True,
-                       text=True, cwd=REPO)
+    r = python("-m", "pretrain.make_shards", "verify", str(out))
     assert r.returncode == 2 and "_info.json: not valid JSON" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -138,8 +135,7 @@ def test_damaged_bias_table_is_an_error_naming_the_key_not_a_resize(tmp_path):
     raw = torch.load(path, weights_only=True)
     raw["model"]["layers.0.blocks.1.attn.relative_position_bias_table"] = torch.zeros(121, 2)
     torch.save(raw, path)
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", path, str(tmp_path / "o.safetensors"),
-                        "--layout", "timm"], capture_output=True, text=True, cwd=REPO)
+    r = python("-m", "pretrain.convert", path, str(tmp_path / "o.safetensors"), "--layout", "timm")
     assert r.returncode == 2 and "layers.0.blocks.1.attn.relative_position_bias_table (121, 2)" in r.stderr
     assert r.stderr.count("relative_position_bias_table") == 1, r.stderr  # the one bad tensor, not 20 good ones
 
@@ -183,13 +179,13 @@ def test_entry_points_turn_data_and_checkpoint_errors_into_one_line(images, tmp_
     from conftest import base_config, launch
     out = copy_shards(images, tmp_path / "s")
     (out / "_info.json").write_text("{not json")
-    r = launch(base_config(str(out / "_info.json"), tmp_path / "run"))  # 2 ranks, the documented command
+    r = launch(base_config(str(out / "_info.json"), tmp_path / "run"), launcher="deepspeed")  # the documented command
     assert r.returncode == 2 and "_info.json: not valid JSON" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     (tmp_path / "random.pth").write_bytes(os.urandom(4096))
-    r = subprocess.run([sys.executable, "finetune/run.py", "--res", "64", "--pretrained", str(tmp_path / "random.pth"),
-                        "--data", str(copy_shards(images, tmp_path / "s2")), "--output", str(tmp_path / "ft"),
-                        "--set", "data.workers=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = python("finetune/run.py", "--res", "64", "--pretrained", str(tmp_path / "random.pth"),
+               "--data", str(copy_shards(images, tmp_path / "s2")), "--output", str(tmp_path / "ft"),
+               "--set", "data.workers=0", timeout=300)
     assert r.returncode == 2 and "not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
@@ -205,10 +201,9 @@ def test_evaluation_that_reads_fewer_images_than_listed_says_so_with_the_true_co
             tar.addfile(m, io.BytesIO(os.urandom(len(data)) if m.name.endswith(".jpg") else data))
     (out / val).write_bytes(dst.getvalue())
     ckpt = export(build_model("swin_tiny", **{**TINY, "num_classes": 10}), str(tmp_path / "w.safetensors"))
-    r = subprocess.run([sys.executable, "finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json",
-                        "--eval-only", "--res", "64", "--window", "4", "--pretrained", ckpt, "--data", str(out),
-                        "--set", "data.workers=0", "model.num_classes=10"], cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+    r = python("finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json", "--eval-only", "--res", "64",
+               "--window", "4", "--pretrained", ckpt, "--data", str(out), "--set", "data.workers=0",
+               "model.num_classes=10", timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "WARNING: evaluated 0 of the 8 validation images the manifest lists" in r.stdout, r.stdout[-2000:]
     assert "'samples': 0" in r.stdout and "'expected': 8" in r.stdout  # the true count, beside the listed one

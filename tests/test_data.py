@@ -21,7 +21,7 @@ from pretrain.data.shards import WriteOptions, verify_shards, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.data.transforms import AugConfig
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, python
 AUG = AugConfig(img_size=32, auto_augment=None)
 
 
@@ -135,8 +135,7 @@ def test_rerun_skips_finished_shards_and_refuses_another_plan(image_folder, tmp_
 
 
 def test_cli_write_to_fsspec_url_and_verify_reports_bad_shards(image_folder, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "launch/make_shards.py", *a], capture_output=True,
-                                    text=True, cwd=REPO)
+    run = lambda *a: python("launch/make_shards.py", *a)  # noqa: E731
     out = str(tmp_path / "cli")
     r = run("write", image_folder, "file://" + out, "--samples-per-shard", "30", "--workers", "2")
     assert r.returncode == 0, r.stderr

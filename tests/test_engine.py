@@ -4,7 +4,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from pretrain.config import ConfigError, load_config
 from pretrain.training.checkpointing import load_run_weights
 
-from conftest import REPO, base_config, entry, launch, losses, ok, simmim_config, torchrun, write_config
+from conftest import REPO, base_config, entry, launch, losses, ok, python, simmim_config, torchrun, write_config
 
 
 def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
@@ -43,8 +42,7 @@ def check_export(run_dir: Path) -> None:
     from pretrain.weights import load_pretrained
     from pretrain.config import TrainConfig, from_dict
     from pretrain.models import model_from_section
-    r = subprocess.run([sys.executable, "launch/export.py", str(run_dir)], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    r = python("launch/export.py", str(run_dir))
     ok(r)
     files = sorted(Path(run_dir, "export").glob("*.safetensors"))
     assert [f.name.split(".")[-2] for f in files] == ["official", "ours", "timm"]
@@ -133,22 +131,27 @@ def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     cfg = base_config(shards, tmp_path / "shrink", **{**sections, "optim": {**sections["optim"], "max_steps": 4}})
     ok(launch(cfg))
     write_config({**cfg, "optim": {**cfg["optim"], "max_steps": 7}}, Path(cfg["run_dir"]))
-    one = launch(cfg, "--resume", "auto", ranks=1)
+    # On one rank with no launcher at all: `python launch/pretrain.py` is rank 0 of 1 on the deepspeed backend.
+    one = python("launch/pretrain.py", "--config", cfg["_path"], "--resume", "auto")
     ok(one)
+    assert "on 1 rank(s), backend deepspeed" in one.stdout, one.stdout[-2000:]
     assert "universal checkpoint for 1 rank" in one.stdout and "resumed from" in one.stdout
     got = losses(cfg["run_dir"])
     assert sorted(got) == list(range(1, 8))
-    assert want[7] < 0.9 * want[4]  # the run moves: a re-initialised or un-updated model can't match it
+    # The run moves (seen: -9% on AVX2 CPUs, more on AVX-512), far past the 1e-3 below: a re-initialised or
+    # un-updated model can't match it.
+    assert want[7] < 0.95 * want[4], want
     # Same samples, another micro-batch grouping and reduction order: bf16 rounding only (seen: <= 2e-4).
     for step in range(5, 8):
         assert abs(got[step] - want[step]) <= 1e-3 * want[step], (step, got[step], want[step])
 
 
 def launch_backend(backend: str, cfg: dict, faults: dict):
-    """The pretraining command on 2 CPU ranks, with `faults`: deepspeed's launcher, or torchrun for accelerate."""
+    """The pretraining command on 2 CPU ranks, with `faults`, by the real launchers (their ranks are fresh
+    interpreters, as a spawned worker is): deepspeed's launcher, or torchrun for accelerate."""
     if backend == "deepspeed":
-        return launch(cfg, faults=faults)
-    return torchrun([*entry("pretrain", faults), "--config", cfg["_path"]])
+        return launch(cfg, faults=faults, launcher="deepspeed")
+    return torchrun([*entry("pretrain", faults), "--config", cfg["_path"]], launcher="torchrun")
 
 
 # Each backend's loader workers under another start method than fork: the launch/ shim must survive a
@@ -243,18 +246,19 @@ def test_compiled_model_trains_to_the_eager_losses(shards, tmp_path):
         assert abs(got[step] - want[step]) <= 2e-3 * want[step], (step, got, want)
 
 
-def test_simmim_under_zero3_and_fp16_compiled_follows_the_reference(unlabelled_shards, simmim_reference, tmp_path):
+def test_simmim_under_zero3_and_compiled_zero2_follows_the_reference(unlabelled_shards, simmim_reference, tmp_path):
     """SimMIM on the other engine settings, 2 ranks: ZeRO-3 (bf16) computes the reference's first loss (ZeRO-1,
     to 1e-6: the same weights and batch) and its export consolidates the partitions into the SimMIM layouts;
-    fp16 with loss scaling under ZeRO-2 and torch.compile stays within 3% of the reference's bf16 losses."""
+    ZeRO-2 with torch.compile, in fp16 with loss scaling, stays within 3% of the reference's bf16 losses. On a
+    CPU without fp16 kernels (AVX2 only; DeepSpeed's CPU accelerator asks oneDNN), fp16 is refused in one line
+    before any group forms, and the compiled ZeRO-2 run is bf16."""
     from pretrain.models import build_simmim
     from pretrain.weights import load_pretrained
     z3 = simmim_config(unlabelled_shards, tmp_path / "z3", optim={"zero_stage": 3, "max_steps": 4})
     ok(launch(z3))
     got = losses(z3["run_dir"])
     assert abs(got[1] - simmim_reference[1]) <= 1e-6 * simmim_reference[1], (got, simmim_reference)
-    r = subprocess.run([sys.executable, "launch/export.py", z3["run_dir"]], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    r = python("launch/export.py", z3["run_dir"])
     ok(r)
     files = sorted(Path(z3["run_dir"], "export").glob("*.safetensors"))
     assert [f.name.split(".")[-2] for f in files] == ["encoder", "official", "ours"]
@@ -265,6 +269,11 @@ def test_simmim_under_zero3_and_fp16_compiled_follows_the_reference(unlabelled_s
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     fp16 = simmim_config(unlabelled_shards, tmp_path / "fp16", model={"compile": True},
                          optim={"zero_stage": 2, "precision": "fp16", "max_steps": 4})
+    if not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        r = launch(fp16)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert "optim.precision fp16: DeepSpeed's cpu accelerator has no fp16 on this machine" in r.stderr
+        fp16 = write_config({**fp16, "optim": {**fp16["optim"], "precision": "bf16"}}, Path(fp16["run_dir"]))
     r = launch(fp16)
     ok(r)
     assert "model compiled with torch.compile" in r.stdout

@@ -4,7 +4,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,11 +11,11 @@ import pytest
 import timm
 import torch
 
-from pretrain.weights import export, load_pretrained
+from pretrain.weights import load_pretrained
 from pretrain.models import build_model
 
 from conftest import (DEEPSPEED, REPO, TINY, entry, finetune_config as config, free_port, losses, official_checkpoint,
-                      torchrun)
+                      python, torchrun)
 
 @pytest.fixture(scope="module")
 def official_ckpt(tmp_path_factory):
@@ -106,7 +105,7 @@ def test_official_checkpoint_at_new_resolution_matches_timm_conversion(official_
 
 
 def test_missing_inputs_are_named():
-    r = subprocess.run([sys.executable, "finetune/run.py", "--res", "384"], cwd=REPO, capture_output=True, text=True)
+    r = python("finetune/run.py", "--res", "384")
     assert r.returncode == 2
     assert "swin_b_22kto1k_384.json (res 384, window 12) still needs" in r.stderr
     assert "--pretrained" in r.stderr and "--data" in r.stderr

@@ -20,7 +20,7 @@ from pretrain.data.transforms import AugConfig
 from pretrain.models.layers import log_spaced_coords
 from pretrain.training import checkpointing as ckpt
 
-from conftest import REPO, base_config, launch, losses
+from conftest import REPO, base_config, launch, losses, python
 
 AUG = AugConfig(img_size=32, auto_augment=None)
 CPU_CONFIG = str(REPO / "configs/swin_tiny_cpu.json")
@@ -129,8 +129,7 @@ def test_incomplete_missing_or_damaged_tags_are_refused_naming_the_file(tmp_path
     assert ckpt.resolve_tag(str(tmp_path / "run"), "step00000004") == (str(d), "step00000004")
     with pytest.raises(ckpt.IncompleteCheckpointError, match="step00000006 is not marked complete"):
         ckpt.resolve_tag(str(tmp_path / "run"), "step00000006")
-    r = subprocess.run([sys.executable, "-m", "pretrain.release", str(tmp_path / "run"), "--tag", "step00000009"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = python("-m", "pretrain.release", str(tmp_path / "run"), "--tag", "step00000009")
     assert r.returncode == 2 and "step00000009 does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -199,17 +198,15 @@ def test_convert_of_one_damaged_tensor_names_it_alone(tmp_path):
                      num_heads=(2, 4)).state_dict()
     sd["layers.1.blocks.0.attn.qkv.weight"] = torch.zeros(195, 64)
     st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", str(tmp_path / "bad.safetensors"),
-                        str(tmp_path / "out.safetensors"), "--layout", "timm"], cwd=REPO, capture_output=True,
-                       text=True)
+    r = python("-m", "pretrain.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
+               "--layout", "timm")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "shape mismatches: layers.1.blocks.0.attn.qkv.weight (195, 64) vs model (192, 64)\n" in r.stderr
     assert "only the 1 tensor(s) named above disagree" in r.stderr and "Build the matching variant" not in r.stderr
     sd["patch_embed.proj.weight"] = torch.zeros(35, 3, 4, 4)  # read as embed_dim 35: no architecture fits
     st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", str(tmp_path / "bad.safetensors"),
-                        str(tmp_path / "out.safetensors"), "--layout", "timm"], cwd=REPO, capture_output=True,
-                       text=True)
+    r = python("-m", "pretrain.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
+               "--layout", "timm")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit together" in r.stderr
 
 
@@ -245,10 +242,10 @@ def test_eval_only_refuses_weights_without_a_head_for_the_model(rel_shards, tmp_
     from pretrain.models import build_model
     w = export(build_model("swin_tiny", img_size=64, window_size=4, num_classes=10, embed_dim=32, depths=(2, 2),
                            num_heads=(2, 4)), str(tmp_path / "w.safetensors"))
-    run = lambda *extra: subprocess.run(  # noqa: E731
-        [sys.executable, "finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json", "--eval-only", "--res",
-         "64", "--window", "4", "--pretrained", w, "--data", str(rel_shards), "--set", "data.workers=0",
-         "model.num_classes=6", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = lambda *extra: python(  # noqa: E731
+        "finetune/run.py", "--config", "configs/finetune/swin_tiny_cpu.json", "--eval-only", "--res", "64",
+        "--window", "4", "--pretrained", w, "--data", str(rel_shards), "--set", "data.workers=0",
+        "model.num_classes=6", *extra, timeout=300)
     r = run()
     assert r.returncode == 2 and "has no trained head for this model" in r.stderr and "Traceback" not in r.stderr
     assert "--allow-random-head" in r.stderr

@@ -14,7 +14,7 @@ from pretrain.weights import CheckpointError, export, load_pretrained, pretraine
 from pretrain.models import build_model
 from pretrain.training.optim import param_groups
 
-from conftest import REPO
+from conftest import REPO, python
 
 ARCH = dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10, drop_path_rate=0.0)
 
@@ -159,8 +159,7 @@ def test_demo_v2_pretrained_at_window_4_fine_tunes_at_window_6(tmp_path):
 def test_convert_moves_an_official_v2_checkpoint_to_a_new_window(tmp_path):
     src = export(v2(64, 4), str(tmp_path / "pre.pth"), layout="official")
     dst = str(tmp_path / "w6.safetensors")
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", src, dst, "--layout", "timm", "--img-size", "96",
-                        "--window-size", "6"], cwd=REPO, capture_output=True, text=True)
+    r = python("-m", "pretrain.convert", src, dst, "--layout", "timm", "--img-size", "96", "--window-size", "6")
     assert r.returncode == 0, r.stderr
     ours = build_model("swinv2_tiny", img_size=96, window_size=6, pretrained_window_sizes=(4, 4), **ARCH).eval()
     load_pretrained(ours, src)
@@ -170,6 +169,5 @@ def test_convert_moves_an_official_v2_checkpoint_to_a_new_window(tmp_path):
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= 1e-4
     timm_file = export(v2(), str(tmp_path / "t.safetensors"), layout="timm")
-    r = subprocess.run([sys.executable, "-m", "pretrain.convert", timm_file, str(tmp_path / "o.pth"), "--layout",
-                        "official"], cwd=REPO, capture_output=True, text=True)
+    r = python("-m", "pretrain.convert", timm_file, str(tmp_path / "o.pth"), "--layout", "official")
     assert r.returncode == 2 and "stores no window size" in r.stderr and "--window-size" in r.stderr

@@ -1,8 +1,6 @@
 """Checkpoint layouts, conversions, resizing and the errors on bad input."""
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from pretrain.classes import map22k_to_1k
 from pretrain.models import build_model
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # sources: tests/fixtures/README.md
-REPO = Path(__file__).resolve().parents[1]
+from conftest import python
 
 
 def official_fixture(name: str) -> dict:
@@ -226,9 +224,8 @@ def test_convert_cli_official_to_timm_at_new_resolution(tmp_path):
     src = build_model("swin_tiny", num_classes=21841)
     official = export(src, str(tmp_path / "swin_t_22k.pth"), layout="official")
     dst = tmp_path / "swin_t_384.safetensors"
-    out = subprocess.run([sys.executable, "-m", "pretrain.convert", official, str(dst), "--layout", "timm",
-                          "--img-size", "384", "--window-size", "12", "--num-classes", "1000"],
-                         capture_output=True, text=True, cwd=REPO)
+    out = python("-m", "pretrain.convert", official, str(dst), "--layout", "timm", "--img-size", "384",
+                 "--window-size", "12", "--num-classes", "1000")
     assert out.returncode == 0, out.stderr
     assert "21841 ImageNet-22K rows -> 1000" in out.stdout
     ours = build_model("swin_tiny", img_size=384, window_size=12, num_classes=1000).eval()
@@ -239,6 +236,5 @@ def test_convert_cli_official_to_timm_at_new_resolution(tmp_path):
     with torch.no_grad():
         a, b = ours(x), ref(x)
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
-    bad = subprocess.run([sys.executable, "-m", "pretrain.convert", str(tmp_path / "nope.pth"), str(dst),
-                          "--layout", "ours"], capture_output=True, text=True, cwd=REPO)
+    bad = python("-m", "pretrain.convert", str(tmp_path / "nope.pth"), str(dst), "--layout", "ours")
     assert bad.returncode == 2 and "nope.pth" in bad.stderr

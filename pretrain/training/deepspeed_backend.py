@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from .backend import DTYPES, Backend
 from .checkpointing import MARKER
 from .optim import SkipNonFinite
@@ -42,6 +42,29 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def single_process_env(env=os.environ) -> None:
+    """`python launch/pretrain.py` with no launcher is rank 0 of 1 on a free local port: without RANK and
+    WORLD_SIZE, DeepSpeed would look for an MPI launch instead and stop on a missing mpi4py."""
+    launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    if any(k in env for k in launched):
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def check_precision(precision: str, accelerator) -> None:
+    """DeepSpeed's engine refuses a dtype its accelerator lacks only once the model is built, with a traceback
+    (on CPU, fp16 needs oneDNN's fp16 kernels: AVX512-FP16 or AMX-FP16); say it first, in one line."""
+    supported = {"bf16": accelerator.is_bf16_supported, "fp16": accelerator.is_fp16_supported}
+    if precision in supported and not supported[precision]():
+        others = [p for p, ok in supported.items() if p != precision and ok()] + ["fp32"]
+        raise ConfigError(f"optim.precision {precision}: DeepSpeed's {accelerator.device_name()} accelerator has no "
+                          f"{precision} on this machine; set optim.precision to {' or '.join(others)}")
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -49,6 +72,8 @@ class DeepSpeedBackend(Backend):
         super().__init__(cfg)
         import deepspeed
         from deepspeed.accelerator import get_accelerator
+        check_precision(cfg.optim.precision, get_accelerator())
+        single_process_env()
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device(get_accelerator().current_device_name())
