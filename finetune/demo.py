@@ -29,18 +29,10 @@ import torch
 from pretrain import cli
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
+from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port() -> int:
-    """A free TCP port for a launcher's rendezvous: two demos (or a demo and a test) at once must not meet
-    on the launchers' default 29500."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list[str], env: dict) -> None:

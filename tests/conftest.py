@@ -11,6 +11,7 @@ import torch
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.models import build_model
+from pretrain.training.backend import free_port
 from pretrain.weights import export
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,15 +160,6 @@ def entry(app: str, faults: dict | None) -> list[str]:
     if faults is None:
         return ["launch/pretrain.py" if app == "pretrain" else "finetune/run.py"]
     return ["tests/faulty_train.py", app, "--faults", json.dumps(faults, separators=(",", ":"))]
-
-
-def free_port() -> int:
-    """A TCP port free now, for one launch's rendezvous: two jobs at once (a test's two runs, two test
-    sessions on one machine) must never meet on one port."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = True, faults: dict | None = None,

@@ -3,7 +3,6 @@ plan, so 512 ranks x 8 workers are planned here exactly as each rank of a real j
 import json
 import os
 import random
-import socket
 
 import pytest
 import torch.distributed as dist
@@ -11,6 +10,7 @@ import torch.multiprocessing as tmp
 
 from pretrain.data.loader import DataError, LoaderConfig, build_loader
 from pretrain.data.plan import deal, train_plan
+from pretrain.training.backend import free_port
 
 
 def naive_deal(weights, bins):
@@ -86,12 +86,6 @@ def test_cluster_sized_manifest_plans_without_shards(tmp_path):
 
 # --------------------------------------------------------------------------- manifest read once per job
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank: int, port: int, out: str) -> None:
     import fsspec
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -115,7 +109,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 def test_manifest_is_read_on_rank_0_and_broadcast(tmp_path):
     """Two real gloo ranks: rank 1 cannot read the manifest at all, yet plans the same epoch, and a refusal
     found on rank 0 reaches rank 1 as the same one-line DataError (no rank left waiting)."""
-    tmp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    tmp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["batches"] == r1["batches"] > 0
     assert "no split 'nope'" in r0["error"] and r1["error"] == r0["error"]

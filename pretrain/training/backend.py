@@ -17,6 +17,15 @@ from ..config import RunConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def free_port() -> int:
+    """A TCP port free now on this host, for one job's rendezvous: two jobs at once (a demo and a test, two
+    single-process runs) must never meet on one port."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Backend:
     """Per-rank handle. Call order: __init__ (joins the process group) -> prepare(model, optimizer) ->
     per micro-batch forward / backward(loss, boundary) -> step() on each accumulation boundary."""

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, RunConfig
-from .backend import DTYPES, Backend
+from .backend import DTYPES, Backend, free_port
 from .checkpointing import MARKER
 from .optim import SkipNonFinite
 
@@ -48,11 +48,7 @@ def single_process_env(env=os.environ) -> None:
     launched = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
     if any(k in env for k in launched):
         return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def check_precision(precision: str, accelerator) -> None:
