@@ -92,7 +92,10 @@ def lead(conn: socket.socket) -> None:
     """One job: fork its ranks, collect their output, wait for them, send the result."""
     buf = b""
     while not buf.endswith(b"\n"):
-        buf += conn.recv(1 << 16)
+        chunk = conn.recv(1 << 16)
+        if not chunk:  # the client left before sending a whole job
+            sys.exit(0)
+        buf += chunk
     job = json.loads(buf)
     changed = [k for k in IMPORT_TIME_ENV if job["env"].get(k) != os.environ.get(k)]
     if changed:
@@ -108,7 +111,7 @@ def lead(conn: socket.socket) -> None:
 def run_job(job: dict, conn: socket.socket) -> dict:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    pids: dict[int, int] = {}  # pid -> rank
+    pids: list[int] = []
     for rank in range(job["ranks"]):
         pid = os.fork()
         if pid == 0:
@@ -118,7 +121,7 @@ def run_job(job: dict, conn: socket.socket) -> dict:
             os.close(out_w), os.close(err_w)
             os.setpgid(0, 0)  # the rank and its loader workers, signalled together
             run_rank(job, rank)  # never returns
-        pids[pid] = rank
+        pids.append(pid)
     os.close(out_w), os.close(err_w)
     streams: dict[int, list[bytes]] = {out_r: [], err_r: []}
     out, err = streams[out_r], streams[err_r]
@@ -127,7 +130,7 @@ def run_job(job: dict, conn: socket.socket) -> dict:
     kill_at = time.time() + job["timeout"]
     while len(codes) < len(pids):
         read(streams, 0.1)
-        for pid in pids.keys() - codes.keys():
+        for pid in [p for p in pids if p not in codes]:
             done, status = os.waitpid(pid, os.WNOHANG)
             if not done:
                 continue
@@ -162,7 +165,7 @@ def read(streams: dict[int, list[bytes]], timeout: float) -> None:
             del streams[fd]
 
 
-def signal_ranks(pids: dict[int, int], sig: int) -> None:
+def signal_ranks(pids: list[int], sig: int) -> None:
     for pid in pids:
         try:
             os.killpg(pid, sig)
