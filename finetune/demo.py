@@ -30,6 +30,7 @@ from pretrain import cli
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
+from pretrain.weights import export_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)
 BIN = os.path.dirname(sys.executable)
@@ -102,14 +103,15 @@ def prepare_data(out: str, n: int) -> tuple[str, dict]:
     print(f"[1/{n}] image set: {make_image_folder(images, num_classes=10, per_class=40, size=(80, 64))}")
     s = write_shards(WriteOptions(images, shards, val_per_class=8, samples_per_shard=40), progress=False)
     print(f"[2/{n}] shards: {shards} {s['samples']} ({s['skipped_shards']} shard(s) were already there)")
+    if not torch.cuda.is_available():  # the launched runs and this process's export (DeepSpeed's checkpoint reader)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    if not torch.cuda.is_available():
-        env["DS_ACCELERATOR"] = "cpu"
     return f"{shards}/_info.json", env
 
 
 def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> None:
-    """DeepSpeed pretraining on --ranks processes (continuing a finished run), then its export."""
+    """DeepSpeed pretraining on --ranks processes (continuing a finished run), then its export (what
+    `python -m pretrain.release RUN` does, in this process: one interpreter start less)."""
     sets = [f"run_dir={pre_dir}", f"data.train={info}", f"data.val={info}", "log.progress=false"]
     if a.pretrain_steps:
         sets.append(f"optim.max_steps={a.pretrain_steps}")
@@ -118,7 +120,9 @@ def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> N
     run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
          "launch/pretrain.py", "--config", config,
          *(["--resume", "auto"] if done else []), "--set", *sets], env)
-    run([sys.executable, "-m", "pretrain.release", pre_dir], env)
+    print(f"  exporting the run's newest checkpoint (as python -m pretrain.release {pre_dir})", flush=True)
+    for path in export_run(pre_dir, warn=lambda m: print(f"  warning: {m}")):
+        print(f"  wrote {path}")
 
 
 def finetune(a, config: str, start: list[str], ft_dir: str, info: str, env: dict, step: str) -> None:
