@@ -121,7 +121,7 @@ def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> N
          "launch/pretrain.py", "--config", config,
          *(["--resume", "auto"] if done else []), "--set", *sets], env)
     print(f"  exporting the run's newest checkpoint (as python -m pretrain.release {pre_dir})", flush=True)
-    for path in export_run(pre_dir, warn=lambda m: print(f"  warning: {m}")):
+    for path in export_run(pre_dir, warn=lambda m: print(f"  {m}")):  # m starts "warning: "
         print(f"  wrote {path}")
 
 
