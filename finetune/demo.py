@@ -9,7 +9,8 @@
 4. fine-tunes it at 96 px with window 6 through finetune/run.py (configs/finetune/swin{,v2}_tiny_cpu.json;
    V2 moves to the new window through its continuous position bias, with the checkpoint's windows),
 5. evaluates, prints top-1 and where everything is, and draws the loss/accuracy curves to a PNG.
-A second run reuses the images, the shards and finished checkpoints.
+A second run reuses the images and the shards, skips a run the same command finished, and continues a
+finished run whose settings changed (--pretrain-steps, --finetune-epochs, --ranks).
 
     python launch/demo.py --task simmim [--pretrain-steps 0] [--finetune-epochs 0]
 
@@ -30,6 +31,7 @@ from pretrain import cli
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
+from pretrain.training.checkpointing import latest_tag
 from pretrain.weights import export_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)
@@ -41,6 +43,36 @@ def run(cmd: list[str], env: dict) -> None:
     r = subprocess.run(cmd, env=env, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"demo step failed ({r.returncode}): {' '.join(cmd)}")
+
+
+def step_key(cmd: list[str], inputs: str = "") -> str:
+    """A launched step's command without its rendezvous port (a new free one each time) or --resume, and
+    `inputs`: the state of what it reads that the command doesn't show (the pretrained run's newest tag)."""
+    keep, skip = [], 0
+    for arg in cmd:
+        if skip:
+            skip -= 1
+        elif arg in ("--master_port", "--resume"):
+            skip = 1
+        else:
+            keep.append(arg)
+    return json.dumps({"cmd": keep, "inputs": inputs})
+
+
+def run_step(cmd: list[str], env: dict, run_dir: str, inputs: str = "") -> None:
+    """`cmd` (a launch that trains run_dir), unless the same command already ran it to its end: a launcher
+    exits 0 only for a run that finished its schedule, and then this writes run_dir/demo_step.json. A rerun
+    with other settings (--pretrain-steps, --ranks, ...), or other `inputs`, launches and continues the run
+    (--resume auto)."""
+    marker = os.path.join(run_dir, "demo_step.json")
+    key = step_key(cmd, inputs)
+    if os.path.exists(marker) and open(marker).read() == key:
+        print(f"  finished by the same command before ({marker}): not launched again", flush=True)
+        return
+    run(cmd, env)
+    with open(marker + ".tmp", "w") as f:
+        f.write(key)
+    os.replace(marker + ".tmp", marker)
 
 
 def records(path: str) -> list[dict]:
@@ -116,10 +148,10 @@ def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> N
     if a.pretrain_steps:
         sets.append(f"optim.max_steps={a.pretrain_steps}")
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
-    print(f"{step} pretraining on {a.ranks} rank(s){' (continuing the finished run)' if done else ''}", flush=True)
-    run([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
-         "launch/pretrain.py", "--config", config,
-         *(["--resume", "auto"] if done else []), "--set", *sets], env)
+    print(f"{step} pretraining on {a.ranks} rank(s){' (a checkpoint is there)' if done else ''}", flush=True)
+    run_step([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
+              "launch/pretrain.py", "--config", config,
+              *(["--resume", "auto"] if done else []), "--set", *sets], env, pre_dir)
     print(f"  exporting the run's newest checkpoint (as python -m pretrain.release {pre_dir})", flush=True)
     for path in export_run(pre_dir, warn=lambda m: print(f"  {m}")):  # m starts "warning: "
         print(f"  wrote {path}")
@@ -132,10 +164,10 @@ def finetune(a, config: str, start: list[str], ft_dir: str, info: str, env: dict
     if a.finetune_epochs:
         ft_args += ["--epochs", str(a.finetune_epochs)]
     ft_done = os.path.exists(f"{ft_dir}/checkpoints/latest_complete")
-    print(f"{step} at 96 px, window 6{' (continuing the finished run)' if ft_done else ''}", flush=True)
-    run([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "--master_port", str(free_port()), "finetune/run.py",
-         *ft_args,
-         *(["--resume", "auto"] if ft_done else [])], env)
+    print(f"{step} at 96 px, window 6{' (a checkpoint is there)' if ft_done else ''}", flush=True)
+    run_step([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "--master_port", str(free_port()),
+              "finetune/run.py", *ft_args, *(["--resume", "auto"] if ft_done else [])], env, ft_dir,
+             inputs=(latest_tag(os.path.join(start[1], "checkpoints")) or "") if start[0] == "--pretrained" else "")
 
 
 def demo(a) -> int:

@@ -1,4 +1,5 @@
 """The README's main job, `launch/demo.py`, at a smaller size, and the docs generated from code."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,29 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "10 shard(s) were already there" in second.stdout
-    assert second.stdout.count("continuing the finished run") == 2
+    assert second.stdout.count("not launched again") == 2 and "$ " not in second.stdout, second.stdout[-2000:]
+    assert "[5/5] results" in second.stdout and "fine-tuned   top-1" in second.stdout
+
+
+def test_demo_step_launches_again_only_when_its_command_or_inputs_changed(tmp_path):
+    """finetune.demo.run_step (what the demo's rerun skips): a step whose same command (rendezvous port and
+    --resume aside) and inputs finished is not launched; another setting or a new pretrained tag launches."""
+    from finetune.demo import run_step
+    count = tmp_path / "launches"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    def step(port: int, steps: int, resume: bool = False, tag: str = "step_00000006") -> int:
+        cmd = ["sh", "-c", f"echo x >> {count}", "--master_port", str(port), "--set", f"optim.max_steps={steps}",
+               *(["--resume", "auto"] if resume else [])]
+        run_step(cmd, dict(os.environ), str(run_dir), inputs=tag)
+        return len(count.read_text().split())
+
+    assert step(1000, 6) == 1
+    assert step(2000, 6, resume=True) == 1  # the same step, another port, now continuing: not launched
+    assert step(2000, 8, resume=True) == 2  # more updates: launched
+    assert step(3000, 8, tag="step_00000008") == 3  # the pretrained run moved on: launched
+    assert step(3000, 8, tag="step_00000008") == 3
 
 
 def test_simmim_demo_reconstructs_better_and_both_finetunes_beat_chance(tmp_path):
