@@ -146,7 +146,8 @@ def prelaunched(argv: list[str], ranks: int, env=(), dist: bool = True, timeout:
     job = {"argv": list(argv), "ranks": ranks, "env": _env(env), "cwd": str(REPO), "timeout": timeout,
            "port": free_port(), "dist": dist}
     r = request(_prelaunch_socket(), job)
-    return subprocess.CompletedProcess(["prelaunch", *argv], r["returncode"], r["stdout"], r["stderr"])
+    return subprocess.CompletedProcess(["prelaunch", "--master_port", str(job["port"]), *argv], r["returncode"],
+                                       r["stdout"], r["stderr"])
 
 
 def python(*args: str, env=(), timeout: float = 600):
