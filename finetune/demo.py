@@ -32,6 +32,7 @@ from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
 from pretrain.training.checkpointing import latest_tag
+from pretrain.io import write_bytes_atomic
 from pretrain.weights import export_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)
@@ -46,16 +47,17 @@ def run(cmd: list[str], env: dict) -> None:
 
 
 def step_key(cmd: list[str], inputs: str = "") -> str:
-    """A launched step's command without its rendezvous port (a new free one each time) or --resume, and
-    `inputs`: the state of what it reads that the command doesn't show (the pretrained run's newest tag)."""
-    keep, skip = [], 0
-    for arg in cmd:
-        if skip:
-            skip -= 1
+    """A launched step's command without its rendezvous port (a new free one each time) or --resume, with
+    what it reads that the command doesn't show: its --config file's text, and `inputs` (the pretrained
+    run's newest tag)."""
+    keep, drop = [], False
+    for prev, arg in zip([""] + cmd, cmd):
+        if drop:
+            drop = False
         elif arg in ("--master_port", "--resume"):
-            skip = 1
+            drop = True
         else:
-            keep.append(arg)
+            keep.append(open(os.path.join(ROOT, arg)).read() if prev == "--config" else arg)
     return json.dumps({"cmd": keep, "inputs": inputs})
 
 
@@ -70,9 +72,7 @@ def run_step(cmd: list[str], env: dict, run_dir: str, inputs: str = "") -> None:
         print(f"  finished by the same command before ({marker}): not launched again", flush=True)
         return
     run(cmd, env)
-    with open(marker + ".tmp", "w") as f:
-        f.write(key)
-    os.replace(marker + ".tmp", marker)
+    write_bytes_atomic(marker, key.encode())
 
 
 def records(path: str) -> list[dict]:

@@ -27,15 +27,19 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
 
 def test_demo_step_launches_again_only_when_its_command_or_inputs_changed(tmp_path):
     """finetune.demo.run_step (what the demo's rerun skips): a step whose same command (rendezvous port and
-    --resume aside) and inputs finished is not launched; another setting or a new pretrained tag launches."""
+    --resume aside), config file and inputs finished is not launched; another setting, an edited config or a
+    new pretrained tag launches."""
     from finetune.demo import run_step
     count = tmp_path / "launches"
     run_dir = tmp_path / "run"
     run_dir.mkdir()
 
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": 0}')
+
     def step(port: int, steps: int, resume: bool = False, tag: str = "step_00000006") -> int:
-        cmd = ["sh", "-c", f"echo x >> {count}", "--master_port", str(port), "--set", f"optim.max_steps={steps}",
-               *(["--resume", "auto"] if resume else [])]
+        cmd = ["sh", "-c", f"echo x >> {count}", "--master_port", str(port), "--config", str(config),
+               "--set", f"optim.max_steps={steps}", *(["--resume", "auto"] if resume else [])]
         run_step(cmd, dict(os.environ), str(run_dir), inputs=tag)
         return len(count.read_text().split())
 
@@ -44,6 +48,8 @@ def test_demo_step_launches_again_only_when_its_command_or_inputs_changed(tmp_pa
     assert step(2000, 8, resume=True) == 2  # more updates: launched
     assert step(3000, 8, tag="step_00000008") == 3  # the pretrained run moved on: launched
     assert step(3000, 8, tag="step_00000008") == 3
+    config.write_text('{"seed": 1}')
+    assert step(3000, 8, tag="step_00000008") == 4  # the config file changed: launched
 
 
 def test_simmim_demo_reconstructs_better_and_both_finetunes_beat_chance(tmp_path):
