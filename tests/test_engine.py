@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -286,3 +287,23 @@ def test_simmim_under_zero3_and_compiled_zero2_follows_the_reference(unlabelled_
     got = losses(fp16["run_dir"])
     for step in (1, 2, 3, 4):
         assert abs(got[step] - simmim_reference[step]) <= 0.03 * simmim_reference[step], (step, got, simmim_reference)
+
+
+def test_prebuilt_deepspeed_cpu_op_is_not_compiled_again_by_a_run():
+    """`make install` calls prebuild_cpu_ops so that a CPU run's process-group init (DeepSpeed's build_shm_op,
+    ~60 s of compiling on 2 cores) finds the op built: another process loading it runs no compiler."""
+    code = ("from pretrain.training.deepspeed_backend import prebuild_cpu_ops; print('BUILD', prebuild_cpu_ops())")
+    built = python("-c", code)
+    ok(built)
+    build_dir = built.stdout.split("BUILD ")[-1].strip()
+    assert build_dir != "None", "DeepSpeed's CPU accelerator should build its shm op here: " + built.stderr[-2000:]
+    log = Path(build_dir, ".ninja_log")
+    before = log.read_text()
+    # What every rank of a DeepSpeed CPU run does in deepspeed.init_distributed.
+    loaded = python("-c", "from deepspeed.comm.torch import build_shm_op; print('OP', build_shm_op() is not None)")
+    ok(loaded)
+    assert "OP True" in loaded.stdout, loaded.stdout[-2000:]
+    assert log.read_text() == before, "the run compiled the op again: " + log.read_text()[len(before):]
+    dry = subprocess.run(["ninja", "-n", "-C", build_dir], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    assert "no work to do" in dry.stdout, dry.stdout + dry.stderr

@@ -76,6 +76,25 @@ def release_shm_names(rank: int, world: int, env=os.environ) -> None:
         pass
 
 
+def prebuild_cpu_ops() -> Optional[str]:
+    """Compile DeepSpeed's CPU shm all-reduce now (`make install` calls this), not in a run's first update.
+
+    On a CPU accelerator, DeepSpeed's process-group init JIT-compiles that op (deepspeed.comm.torch.build_shm_op)
+    when torch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) has no build for
+    this environment: ~60 s on 2 cores, inside the first run's first update, while its peers wait. With the
+    build cached a load is a no-op ninja check. Returns the build directory; None where DeepSpeed builds
+    nothing (a GPU accelerator, or a CPU without the op's instructions)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return None
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None  # what build_shm_op checks: then no run builds it either
+    return os.path.dirname(builder.load(verbose=False).__file__)
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
