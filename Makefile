@@ -1,6 +1,10 @@
 # Quick start: `make demo` (the whole pipeline on a generated dataset) and `make test` (the suite).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# Every command below, and all it launches, runs as in the activated venv (as the sbatch scripts do): torch
+# JIT-builds DeepSpeed's CPU op with whichever `ninja` comes first on PATH, and a system ninja of another
+# version than the venv's reads the other's build log as stale and compiles the op again (~60 s) each time.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install demo test docs
 

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,12 @@ def test_prebuilt_deepspeed_cpu_op_is_not_compiled_again_by_a_run():
     ok(loaded)
     assert "OP True" in loaded.stdout, loaded.stdout[-2000:]
     assert log.read_text() == before, "the run compiled the op again: " + log.read_text()[len(before):]
-    dry = subprocess.run(["ninja", "-n", "-C", build_dir], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    # torch runs the `ninja` first on PATH; the sbatch scripts activate the venv, so that must be the venv's, or
+    # a Slurm job and a run started here (two ninja versions, each reading the other's log as stale) compile
+    # the op again whenever they alternate.
+    ninja = shutil.which("ninja")
+    assert ninja == str(Path(sys.executable).parent / "ninja"), (
+        f"`ninja` on PATH is {ninja}, not the venv's: run the tests with the venv's bin first on PATH "
+        "(`make test`, or the venv activated)")
+    dry = subprocess.run([ninja, "-n", "-C", build_dir], capture_output=True, text=True, timeout=60)
     assert "no work to do" in dry.stdout, dry.stdout + dry.stderr
