@@ -210,6 +210,8 @@ class PeakTensorBytes(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = base
         self._storages: dict[int, int] = {}
+        self.phase = ""  # set by the caller ("micro 2 backward"): where the peak was reached, with its op
+        self.peak_at = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -219,7 +221,8 @@ class PeakTensorBytes(TorchDispatchMode):
                 if key and key not in self._storages:
                     self._storages[key] = n
                     self.live += n
-                    self.peak = max(self.peak, self.live)
+                    if self.live > self.peak:
+                        self.peak, self.peak_at = self.live, f"{self.phase}: {func.__name__}"
                     weakref.finalize(t, self._free, key)
         return out
 
@@ -227,24 +230,28 @@ class PeakTensorBytes(TorchDispatchMode):
         self.live -= self._storages.pop(key, 0)
 
 
-def peak_bytes_of_step(engine, x: torch.Tensor, accum: int) -> int:
+def peak_bytes_of_step(engine, x: torch.Tensor, accum: int) -> tuple[int, str]:
     """Peak tensor memory of one update (`accum` micro-batches of forward/backward/step) on this rank: CUDA's
     allocator peak, or on the CPU the live tensors counted op by op (PeakTensorBytes) on top of what the
     engine holds before. With accum 1 every micro-batch is a boundary, where ZeRO-1 too reduces and frees
-    the gradients bucket by bucket (DeepSpeed's stage_1_and_2.py): ZeRO-2's saving shows with accumulation."""
+    the gradients bucket by bucket (DeepSpeed's stage_1_and_2.py): ZeRO-2's saving shows with accumulation.
+    Also where the CPU peak was reached: "micro K forward|backward|step: OP" ("" on CUDA)."""
     if x.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = sum(held_bytes(engine).values())
     with PeakTensorBytes(base) as counter:
-        for _ in range(accum):
+        for k in range(1, accum + 1):
+            counter.phase = f"micro {k} forward"
             loss = engine(x).float().logsumexp(1).mean()
+            counter.phase = f"micro {k} backward"
             engine.backward(loss)
+            counter.phase = f"micro {k} step"  # the optimizer steps on the last micro-batch only
             engine.step()
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return counter.peak
+        return torch.cuda.max_memory_allocated(), ""
+    return counter.peak, counter.peak_at
 
 
 def memory(a) -> None:
@@ -263,14 +270,15 @@ def memory(a) -> None:
             opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(cfg, world))
             x = torch.randn(1, 3, 224, 224, dtype=torch.bfloat16, device=engine.device)
-            peak = peak_bytes_of_step(engine, x, a.accum)  # the first update creates the optimizer states
-            peak = max(peak, peak_bytes_of_step(engine, x, a.accum))
+            first = peak_bytes_of_step(engine, x, a.accum)  # the first update creates the optimizer states
+            second = peak_bytes_of_step(engine, x, a.accum)
+            peak, peak_at = max((first[0], f"update 1, {first[1]}"), (second[0], f"update 2, {second[1]}"))
             held = held_bytes(engine)
             if rank == 0:
                 print(json.dumps({"variant": variant, "params": n, "zero_stage": stage, "world": world, "accum": a.accum, "ds": a.ds,
                                   **{k: v / 2**30 for k, v in held.items()},
                                   "held_after_step_gib": sum(held.values()) / 2**30,
-                                  "peak_during_step_gib": peak / 2**30}), flush=True)
+                                  "peak_during_step_gib": peak / 2**30, "peak_at": peak_at}), flush=True)
             del engine, model, opt
             dist.barrier()
 
