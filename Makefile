@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # version than the venv's reads the other's build log as stale and compiles the op again (~60 s) each time.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test docs
+.PHONY: install demo test test-fast docs
 
 install: $(VENV)/.installed
 
@@ -25,13 +25,20 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) launch/demo.py
 
-# tests/test_slurm.py needs Slurm: .ci/slurm_up.sh starts a one-node cluster on localhost and the two-node one
-# of .ci/slurm_2node.sh (network namespaces), as root;
-# tests/test_jpeg.py needs the libjpeg-turbo headers (.ci/system_deps.sh).
+# The whole suite (what CI runs): tests/test_slurm.py needs Slurm (.ci/slurm_up.sh starts a one-node cluster on
+# localhost and the two-node one of .ci/slurm_2node.sh, in network namespaces), the mount tests root, and
+# tests/test_jpeg.py the libjpeg-turbo headers (.ci/system_deps.sh). SWIN_TESTS_STRICT=1: a test whose
+# infrastructure is missing fails, and any skip fails the run.
 test: install
 	bash .ci/system_deps.sh
 	bash .ci/slurm_up.sh
-	$(PY) -m pytest -q
+	SWIN_TESTS_STRICT=1 $(PY) -m pytest -q
+
+# The edit loop: every test that launches nothing and needs no root, Slurm or demo (the markers in
+# pyproject.toml), in about a quarter of `make test`'s time; missing infrastructure skips, naming it.
+FAST := not (dist or launcher or slurm or root or demo or slow)
+test-fast: install
+	$(PY) -m pytest -q -m "$(FAST)"
 
 docs: install
 	$(PY) -m finetune.config > docs/config.md

@@ -141,8 +141,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the manifest-check row")
     ap.add_argument("--check-only", default="", help=argparse.SUPPRESS)  # the fresh process of the check row
     args = ap.parse_args()
-    sys.path.insert(0, os.path.abspath(args.code) if args.code else os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    if args.code:  # another checkout; otherwise the installed (or current directory's) `pretrain`
+        sys.path.insert(0, os.path.abspath(args.code))
     import pretrain
     if args.check_only:
         print(json.dumps(check_row(args.check_only)))

@@ -25,7 +25,9 @@ import torch
 from pretrain.config import SimMIMSection
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.transforms import AugConfig
-from pretrain.models import MaskGenerator, build_model, build_simmim
+from pretrain.data.masks import MaskGenerator, Masks
+from pretrain.data.targets import Labels
+from pretrain.models import build_model, build_simmim
 
 from data_throughput import bench_ours, make_photos
 
@@ -60,7 +62,7 @@ def steps(variant: str, batch: int, dtype: str, n: int, warmup: int) -> tuple[fl
 
 def loader_rate(info: str, n: int, simmim: bool) -> float:
     aug = AugConfig(img_size=192, interpolation="bilinear") if simmim else AugConfig(img_size=192)
-    return bench_ours(info, n, aug=aug, simmim=SimMIMSection() if simmim else None)
+    return bench_ours(info, n, aug=aug, targets=Masks(SimMIMSection(), 192) if simmim else Labels())
 
 
 def main() -> None:

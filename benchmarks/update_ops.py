@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pretrain.config import load_config
 from pretrain.models import build_model
-from pretrain.training.build import build_backend
+from pretrain.training.distributed import build_backend
 from pretrain.training.metrics import OpCounter
 from pretrain.training.optim import build_optimizer
 
@@ -37,7 +37,7 @@ def count(a, depths: tuple, backend=None) -> tuple[int, dict, int]:
                         num_heads=(1, 1, 2, 2))
     backend = backend or build_backend(cfg)
     backend.cfg = cfg
-    backend.prepare(model, build_optimizer(model, cfg, 1.0), accum=1)
+    backend.prepare(model, build_optimizer(model, cfg.optim, 1.0), accum=1)
     x = torch.randn(2, 3, 32, 32, device=backend.device)
     for i in range(2):
         backend.backward(backend.forward(x).sum(), boundary=True)

@@ -30,9 +30,9 @@ import torch
 from pretrain import cli
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
-from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
-from pretrain.training.checkpointing import latest_tag
 from pretrain.io import write_bytes_atomic
+from pretrain.runs import latest_tag
+from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
 from pretrain.weights import export_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)

@@ -12,8 +12,8 @@ import timm
 import torch
 
 from pretrain import cli
-from pretrain.weights import convert_checkpoint, export, load_pretrained
 from pretrain.models import build_model
+from pretrain.weights import convert_checkpoint, export, load_pretrained
 
 
 def main(argv=None) -> int:

@@ -53,7 +53,8 @@ def main(argv: Optional[list[str]] = None, faults=None) -> int:
             raise ConfigError(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window "
                               f"{cfg.model.window_size}) still needs:\n  " + "\n  ".join(missing))
         from finetune.stage import evaluate_only, finetune_stage
-        from pretrain.training import Trainer
+        from pretrain.training import Trainer, compile_cache_env
+        os.environ.update(compile_cache_env(cfg))  # inductor reads its cache folders from the environment
         if a.eval_only:
             return evaluate_only(cfg, bool(a.resume), a.allow_random_head)
         return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg), faults=faults).fit()

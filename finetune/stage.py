@@ -9,9 +9,8 @@ import torch
 from pretrain.cli import print0
 from pretrain.config import ConfigError
 from pretrain.models import config_from_section, model_from_section
+from pretrain.runs import latest_or_fail, load_run_weights, read_config, read_state, resolve_tag
 from pretrain.training import Stage, Trainer, evaluate_weights
-from pretrain.training.checkpointing import (latest_or_fail, load_run_weights, read_state, resolve_tag,
-                                             saved_model_section)
 from pretrain.weights import export_layouts, load_pretrained, pretrained_windows_of, stage_windows
 
 from .config import FinetuneConfig
@@ -34,7 +33,7 @@ def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
         return
     if "://" not in source and os.path.isdir(source):
         ckpt_dir, tag = resolve_tag(source)
-        c = config_from_section(saved_model_section(ckpt_dir, tag, warn=print0))
+        c = config_from_section(read_config(os.path.join(ckpt_dir, tag), warn=print0).model)
         windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"
     else:
         windows, where = pretrained_windows_of(source, allow_pickle=cfg.finetune.allow_pickle), source

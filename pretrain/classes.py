@@ -11,18 +11,19 @@ tests/test_checkpoint.py checks the result against the official `map22kto1k.txt`
 from __future__ import annotations
 
 from functools import lru_cache
-from importlib import resources
+
+from .compat import timm_info_text
 
 NUM_22K = 21841
 
 
 def _synsets(name: str) -> list[str]:
-    return resources.files("timm.data._info").joinpath(name).read_text().split()
+    return timm_info_text(name).split()
 
 
 @lru_cache(maxsize=None)
 def _lemmas() -> dict[str, list[str]]:
-    text = resources.files("timm.data._info").joinpath("imagenet_synset_to_lemma.txt").read_text()
+    text = timm_info_text("imagenet_synset_to_lemma.txt")
     out = {}
     for line in text.splitlines():
         wnid, _, lemmas = line.partition("\t")

@@ -13,28 +13,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
-import os
 import sys
 from typing import Callable, Optional
 
-
-def user_errors() -> tuple[type, ...]:
-    """What a user can fix (imported when needed: `--help` stays fast)."""
-    from .weights import CheckpointError
-    from .config import ConfigError
-    from .data.jpeg import JpegBuildError
-    from .data.manifest import DataError
-    from .slurm import SlurmEnvError
-    from .training.checkpointing import DamagedCheckpointError, RunExistsError, RunLockedError
-    from .training.loop import NonFiniteLossError
-    return (ConfigError, FileNotFoundError, DataError, CheckpointError, RunExistsError, JpegBuildError,
-            DamagedCheckpointError, RunLockedError, NonFiniteLossError, SlurmEnvError)
+from .collective import print0, printer, rank  # noqa: F401  (the entry points' printing)
+from .errors import UserError
 
 
 def user_error(e: BaseException) -> Optional[str]:
     """The one line a user error gets (None: a bug, which keeps its traceback)."""
-    if isinstance(e, user_errors()):
+    if isinstance(e, (UserError, FileNotFoundError)):
         return str(e)
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         return (f"no space left on the device writing {e.filename or 'a file'} (ENOSPC): free space there, or "
@@ -42,27 +30,6 @@ def user_error(e: BaseException) -> Optional[str]:
     if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES) and e.filename:
         return f"{e.filename}: {e.strerror}: point run_dir / checkpoint.dir (or the output) at a writable place"
     return None
-
-
-def rank() -> int:
-    """This process's rank: the process group's once it exists, else the launcher's (RANK, which `run`
-    derives from srun's variables first)."""
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
-
-
-def printer(rank: int) -> Callable[[str], None]:
-    """The one rank-0 printer: rank 0 logs and prints a message; the other ranks say nothing."""
-    def print0(msg: str) -> None:
-        if rank == 0:
-            logging.getLogger("pretrain").info(msg)
-            print(msg, flush=True)
-    return print0
-
-
-def print0(msg: str) -> None:
-    """`printer` for code without a backend at hand: the rank read the one way (`rank()`)."""
-    printer(rank())(msg)
 
 
 def common(config: bool = False, resume: bool = False) -> argparse.ArgumentParser:
@@ -104,7 +71,7 @@ def run(job: Callable[[], object], show_result: bool = True) -> int:
             raise
         # Errors every rank meets alike (config, manifest, checkpoint) print once; one met by a single rank
         # (its data, found while reading) prints there.
-        if rank() == 0 or getattr(e, "rank_local", False):
+        if rank() == 0 or getattr(e, "rank_local", False):  # set on a UserError instance or class
             print(f"error: {line}", file=sys.stderr)
         return 2
     finally:

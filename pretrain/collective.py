@@ -1,10 +1,34 @@
-"""Work done on rank 0 of a job and its outcome told to every rank: reads that would cost too much on every
-rank (a manifest and its index) and decisions only one rank may take (the run dir's lock)."""
+"""Which rank this is, rank-0 printing, and work done on rank 0 of a job with its outcome told to every rank:
+reads that would cost too much on every rank (a manifest and its index) and decisions only one rank may take
+(the run dir's lock). Imports nothing of ours: the library and the command-line layer both stand on it."""
 from __future__ import annotations
 
+import logging
+import os
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+
+
+def rank() -> int:
+    """This process's rank: the process group's once it exists, else the launcher's (RANK, which the
+    command-line layer derives from srun's variables first)."""
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def printer(rank: int) -> Callable[[str], None]:
+    """The one rank-0 printer: rank 0 logs and prints a message; the other ranks say nothing."""
+    def print0(msg: str) -> None:
+        if rank == 0:
+            logging.getLogger("pretrain").info(msg)
+            print(msg, flush=True)
+    return print0
+
+
+def print0(msg: str) -> None:
+    """`printer` for code without a backend at hand: the rank read the one way (`rank()`)."""
+    printer(rank())(msg)
 
 
 def on_rank0(fn: Callable[[], T], what: str) -> T:

@@ -1,5 +1,7 @@
 """One typed config for a pretraining run: dataclasses loaded from JSON, overridden from the command line,
-checked on load (unknown keys, wrong types, inconsistent batch sizes are errors naming the key).
+checked on load (unknown keys, wrong types, inconsistent batch sizes are errors naming the key). This module
+holds the schema, the loader and each key's range; the rules of how keys act together are their owners'
+(the transforms', the DeepSpeed backend's, the tasks', fine-tuning's), run here at load.
 
     cfg = load_config("configs/swin_b_22k.json", ["optim.lr=5e-4", "data.workers=8"])
 """
@@ -13,15 +15,17 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-# No torch, timm or torchvision here: the sbatch script and tools read configs without loading them.
-from .architecture import VARIANTS as VARIANT_SHAPES, architecture_problem, mask_problem
+# No torch, timm or torchvision here, nor in the owners' rules it runs: the sbatch script and tools read configs
+# without loading them (tests/test_layering.py checks).
+from .architecture import VARIANTS as VARIANT_SHAPES
+from .architecture import architecture_problem
+from .checks import Check, ConfigError, in_range, one_of, raise_failed  # noqa: F401  (ConfigError: its home)
+from .data.aug_checks import aug_checks
+from .tasks.checks import CLASSIFICATION_ONLY, task_checks
+from .training.deepspeed_checks import deepspeed_checks
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)  # = timm.data.IMAGENET_DEFAULT_MEAN
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)  # = timm.data.IMAGENET_DEFAULT_STD
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def opt(default: Any, help: str) -> Any:
@@ -44,7 +48,8 @@ class AugConfig:
     color_jitter: Optional[float] = opt(None, (
         "ColorJitter strength, only with auto_augment null (timm applies it only without RandAugment); "
         "null: 0.4, the official value"))
-    interpolation: str = opt("bicubic", "resize interpolation (timm names)")
+    interpolation: str = opt("bicubic", "resize interpolation (timm names), in training and evaluation ('random': "
+                                        "training only, bicubic in evaluation)")
     hflip: float = opt(0.5, "horizontal flip probability")
     re_prob: float = opt(0.25, "random erasing probability (on the device)")
     mixup: float = opt(0.8, "Mixup alpha; 0 with cutmix 0 turns mixing off")
@@ -135,6 +140,11 @@ class OptimSection:
     zero_stage: Optional[int] = opt(None, "DeepSpeed ZeRO stage 0..3 (default 1); only with backend \"deepspeed\"")
     max_nonfinite: int = opt(10, "this many non-finite losses in a row stop the run")
 
+    @property
+    def lr(self) -> float:
+        """base_lr scaled by global_batch / lr_scale_batch (the official recipe)."""
+        return self.base_lr * self.global_batch / self.lr_scale_batch
+
 
 @dataclass
 class CheckpointSection:
@@ -165,11 +175,7 @@ class SimMIMSection:
 
 
 BACKENDS = ("deepspeed", "accelerate")
-TASKS = ("classification", "simmim")
-# aug keys of the classification transform and loss: with task simmim they act nowhere (the SimMIM transform is
-# a crop and a flip, the loss pixel L1)
-CLASSIFICATION_ONLY = ("auto_augment", "color_jitter", "re_prob", "mixup", "cutmix", "mixup_prob",
-                       "mixup_switch_prob", "label_smoothing")
+TASKS = ("classification", "simmim")  # = pretrain.tasks.TASKS (tested)
 
 
 @dataclass
@@ -212,7 +218,7 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        return self.optim.base_lr * self.optim.global_batch / self.optim.lr_scale_batch
+        return self.optim.lr
 
     @property
     def zero_stage(self) -> int:
@@ -329,28 +335,13 @@ def load_config(path: Optional[str] = None, overrides: list[str] = (), cls: type
     return cfg
 
 
-def in_range(value: Any, key: str, lo: Optional[float] = None, hi: Optional[float] = None,
-             lo_open: bool = False, hi_open: bool = False) -> tuple[bool, str]:
-    """A range check naming the key: `lo <= value <= hi` (or < with *_open); None leaves a side free."""
-    ok = ((lo is None or (value > lo if lo_open else value >= lo))
-          and (hi is None or (value < hi if hi_open else value <= hi)))
-    left = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
-    right = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
-    want = f"in {left}, {right}" if lo is not None and hi is not None else (
-        f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"{'<' if hi_open else '<='} {hi}")
-    return ok, f"{key} must be {want}, got {value!r}"
-
-
-def one_of(value: Any, key: str, choices: tuple) -> tuple[bool, str]:
-    return value in choices, f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
-
-
-def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
+def run_checks(cfg: RunConfig) -> list[Check]:
     """(condition, message) pairs every run config (pretraining and fine-tuning) must satisfy: every
     numeric key's range and every choice, named by its key."""
     o, m, d, a, c, lg = cfg.optim, cfg.model, cfg.data, cfg.aug, cfg.checkpoint, cfg.log
     checks = [
         one_of(cfg.backend, "backend", BACKENDS),
+        one_of(cfg.task, "task", TASKS),
         in_range(cfg.seed, "seed", 0),
         in_range(cfg.dist_timeout_s, "dist_timeout_s", 0, lo_open=True),
         in_range(m.img_size, "model.img_size", 1),
@@ -370,27 +361,6 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
         in_range(d.retries, "data.retries", 1),
         one_of(d.on_bad_shard, "data.on_bad_shard", ("fatal", "skip")),
         one_of(d.start_method, "data.start_method", ("auto", "fork", "spawn", "forkserver")),
-        one_of(a.jpeg_roi, "aug.jpeg_roi", ("auto", "on", "off")),
-        in_range(a.jitter, "aug.color_jitter", 0),
-        (a.color_jitter is None or a.auto_augment is None,
-         f"aug.color_jitter={a.color_jitter} acts nowhere with aug.auto_augment={a.auto_augment!r} (timm applies "
-         "ColorJitter only without RandAugment): remove aug.color_jitter, or set aug.auto_augment=null"),
-        in_range(a.hflip, "aug.hflip", 0, 1),
-        in_range(a.re_prob, "aug.re_prob", 0, 1),
-        in_range(a.mixup, "aug.mixup", 0),
-        in_range(a.cutmix, "aug.cutmix", 0),
-        in_range(a.mixup_prob, "aug.mixup_prob", 0, 1),
-        in_range(a.mixup_switch_prob, "aug.mixup_switch_prob", 0, 1),
-        in_range(a.label_smoothing, "aug.label_smoothing", 0, 1, hi_open=True),
-        in_range(a.crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
-        (a.eval_crop_pct is None or a.eval_crop,
-         f"aug.eval_crop_pct={a.eval_crop_pct} acts nowhere with aug.eval_crop=false (the evaluation resizes "
-         "straight to img_size): remove aug.eval_crop_pct, or set aug.eval_crop=true"),
-        one_of(a.interpolation, "aug.interpolation", INTERPOLATIONS),
-        (len(a.mean) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a.mean),
-         f"aug.mean must be 3 numbers (R, G, B), got {list(a.mean)}"),
-        (len(a.std) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in a.std),
-         f"aug.std must be 3 numbers > 0 (R, G, B), got {list(a.std)}"),
         in_range(o.global_batch, "optim.global_batch", 1),
         in_range(o.micro_batch, "optim.micro_batch", 1),
         (o.global_batch % max(o.micro_batch, 1) == 0,
@@ -417,24 +387,11 @@ def run_checks(cfg: RunConfig) -> list[tuple[bool, str]]:
     ]
     if m.embed_dim is not None:
         checks.append(in_range(m.embed_dim, "model.embed_dim", 1))
-    checks += schedule_checks(o) + task_checks(cfg)
-    if o.zero_stage is not None:
-        checks.append(one_of(o.zero_stage, "optim.zero_stage", (0, 1, 2, 3)))
-        checks.append((cfg.backend == "deepspeed" or o.zero_stage == 0,
-                       f"optim.zero_stage={o.zero_stage} needs backend \"deepspeed\" (the accelerate backend runs "
-                       "plain DDP): set backend=deepspeed, or drop optim.zero_stage"))
-    checks.append((cfg.backend == "deepspeed" or not cfg.deepspeed,
-                   f"deepspeed settings {sorted(cfg.deepspeed)} need backend \"deepspeed\"; this run's backend is "
-                   f"{cfg.backend!r}"))
-    reserved = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
-    clash = sorted(reserved & set(cfg.deepspeed))
-    checks.append((not clash, f"deepspeed.{clash[0] if clash else ''} is derived from optim.global_batch and "
-                              "optim.micro_batch: set those instead"))
-    checks.extend(deepspeed_contradictions(cfg))
+    checks += schedule_checks(o) + aug_checks(a) + deepspeed_checks(cfg) + task_checks(cfg)
     return checks
 
 
-def schedule_checks(o: OptimSection) -> list[tuple[bool, str]]:
+def schedule_checks(o: OptimSection) -> list[Check]:
     checks = [one_of(o.schedule, "optim.schedule", ("cosine", "multistep")),
               in_range(o.decay_rate, "optim.decay_rate", 0, 1, lo_open=True)]
     if o.schedule == "multistep":
@@ -449,91 +406,6 @@ def schedule_checks(o: OptimSection) -> list[tuple[bool, str]]:
                        "optim.decay_epochs / optim.decay_rate act only with optim.schedule=multistep: remove them, "
                        "or set optim.schedule=multistep"))
     return checks
-
-
-def task_checks(cfg: "RunConfig") -> list[tuple[bool, str]]:
-    """The simmim section acts only with task simmim; the classification-only keys only without it."""
-    s, defaults = cfg.simmim, SimMIMSection()
-    checks = [one_of(cfg.task, "task", TASKS)]
-    if cfg.task != "simmim":
-        changed = [f"simmim.{f.name}" for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(defaults, f.name)]
-        checks.append((not changed, f"{', '.join(changed)} act(s) only with task=simmim (this run's task is "
-                                    f"{cfg.task!r}): remove them, or set task=simmim"))
-        return checks
-    problem = mask_problem(cfg.model.img_size, s.mask_patch_size, 4, s.mask_ratio, prefix="simmim.")
-    checks.append((not problem, problem))
-    checks.append((s.norm_target_patch == 0 or (s.norm_target_patch > 1 and s.norm_target_patch % 2 == 1),
-                   f"simmim.norm_target_patch={s.norm_target_patch} must be 0 (off) or an odd window > 1 (the V2 "
-                   "recipe: 47)"))
-    for key, pair, lo in (("crop_scale", s.crop_scale, 0.0), ("crop_ratio", s.crop_ratio, 0.0)):
-        checks.append((len(pair) == 2 and lo < pair[0] <= pair[1] and (key != "crop_scale" or pair[1] <= 1),
-                       f"simmim.{key}={pair} must be [low, high] with 0 < low <= high" +
-                       (" <= 1" if key == "crop_scale" else "")))
-    aug_defaults = AugConfig()
-    changed = [f"aug.{k}" for k in CLASSIFICATION_ONLY if getattr(cfg.aug, k) != getattr(aug_defaults, k)]
-    checks.append((not changed, f"{', '.join(changed)} act(s) nowhere with task=simmim (the SimMIM transform is a "
-                                "crop and a flip, the loss an L1 on pixels): remove them"))
-    checks.append((cfg.model.num_classes == ModelSection.num_classes,
-                   f"model.num_classes={cfg.model.num_classes} acts nowhere with task=simmim (the encoder has no "
-                   "classifier): remove it"))
-    return checks
-
-
-# timm's interpolation names (timm.data.transforms str_to_interp_mode, + "random": bilinear or bicubic per image)
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random")
-
-
-def auto_augment_check(spec: Optional[str]) -> tuple[bool, str]:
-    """timm parses the spec when the transform is built (on the workers): the Trainer parses it first, before
-    any process group (here it would import timm and torch into every config read)."""
-    if spec is None:
-        return True, ""
-    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
-    hparams = {"translate_const": 100, "img_mean": (124, 116, 104)}
-    build = (rand_augment_transform if spec.startswith("rand") else augment_and_mix_transform
-             if spec.startswith("augmix") else auto_augment_transform)
-    try:
-        build(spec, hparams)
-        return True, ""
-    except Exception as e:  # timm raises AssertionError/KeyError/ValueError for an unknown spec
-        return False, (f"aug.auto_augment={spec!r} is not a timm augmentation spec ({type(e).__name__}: {e}); "
-                       "e.g. 'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5-w4-d2', 'original', or null for none")
-
-
-# A `deepspeed` entry that sets what a typed key decides: (path in the DeepSpeed config, typed key, its value).
-def _deepspeed_typed(cfg: "RunConfig") -> list[tuple[str, str, Any]]:
-    o = cfg.optim
-    return [("zero_optimization.stage", "optim.zero_stage", cfg.zero_stage),
-            ("bf16.enabled", "optim.precision", o.precision == "bf16"),
-            ("fp16.enabled", "optim.precision", o.precision == "fp16"),
-            ("gradient_clipping", "optim.clip_grad", o.clip_grad)]
-
-
-def deepspeed_contradictions(cfg: "RunConfig") -> list[tuple[bool, str]]:
-    """The `deepspeed` dict against the typed keys: a value that contradicts one would run while the log,
-    config.json and the typed key say otherwise, so it is an error; the optimizer and scheduler are built
-    from the optim section."""
-    out = []
-    for path, key, want in _deepspeed_typed(cfg):
-        node: Any = cfg.deepspeed
-        for part in path.split("."):
-            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
-        out.append((node is _MISSING or node == want,
-                    f"deepspeed.{path}={node!r} contradicts {key} (which gives {want!r}): set {key} instead and "
-                    f"drop deepspeed.{path}"))
-    for section in ("optimizer", "scheduler"):
-        out.append((section not in cfg.deepspeed, f"deepspeed.{section}: the {section} is built from the optim "
-                                                  "section (AdamW, timm's schedule): set optim.* instead"))
-    return out
-
-
-_MISSING = object()
-
-
-def raise_failed(checks: list[tuple[bool, str]]) -> None:
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -12,8 +12,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from .errors import UserError
 
-class SlurmEnvError(RuntimeError):
+
+class SlurmEnvError(UserError, RuntimeError):
     pass
 
 

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -18,8 +19,10 @@ def main(argv: Optional[list[str]] = None, faults=None) -> int:
 
     def job() -> dict:
         from .config import load_config
-        from .training import Trainer
-        return Trainer(load_config(a.config, a.set), resume=a.resume, faults=faults).fit()
+        from .training import Trainer, compile_cache_env
+        cfg = load_config(a.config, a.set)
+        os.environ.update(compile_cache_env(cfg))  # inductor reads its cache folders from the environment
+        return Trainer(cfg, resume=a.resume, faults=faults).fit()
     return cli.run(job)
 
 

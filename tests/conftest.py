@@ -1,4 +1,10 @@
-"""Fixtures and helpers the test modules share: real shards, run configs, the real launchers."""
+"""Fixtures and helpers the test modules share: real shards, run configs, the real launchers, and the tiers.
+
+Tiers (markers, pyproject.toml): `dist` (a run on 2 ranks), `launcher` (a real deepspeed/torchrun launcher, or a
+launched job signalled), `slurm`, `root`, `demo`, `slow`. `make test-fast` runs the tests with none of them, in
+one process where a behaviour allows; missing infrastructure (the libjpeg-turbo headers, ...) skips there with
+the reason. `make test` (what CI runs) runs every test with SWIN_TESTS_STRICT=1: missing infrastructure fails
+its test, and a session with any skip fails, so CI never passes by skipping Slurm, a launcher or a demo."""
 import json
 import os
 import subprocess
@@ -102,12 +108,38 @@ def _run(cmd: list[str], env, wait: bool):
     return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=600)
 
 
+# ---------------------------------------------------------------------------------------------- tiers
+STRICT = os.environ.get("SWIN_TESTS_STRICT") == "1"
+LAUNCHING = ("dist", "launcher", "slurm", "demo")  # the markers whose tests start runs (tests/prelaunch.py)
+
+
+def need(ok: bool, what: str) -> None:
+    """Infrastructure a test needs: without it the test fails under `make test` (SWIN_TESTS_STRICT=1), and
+    skips, naming what is missing, in the fast tier."""
+    if not ok:
+        (pytest.fail if STRICT else pytest.skip)(f"needs {what}")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if STRICT and skipped and exitstatus == 0:
+        print(f"\nSWIN_TESTS_STRICT=1: {skipped} test(s) skipped; the whole suite must run (see -ra above)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 # ---------------------------------------------------------------- the preloaded launcher (tests/prelaunch.py)
-# Started when the session starts, so its imports overlap collection; one per session, ended with it.
+# One per session, ended with it: started once collection shows a test that launches runs (its imports then
+# overlap the first tests), else on first use.
 _PRELAUNCH: dict = {}
 
 
-def pytest_configure(config) -> None:
+def pytest_collection_finish(session) -> None:
+    if any(item.get_closest_marker(m) for item in session.items for m in LAUNCHING):
+        _start_prelaunch()
+
+
+def _start_prelaunch() -> None:
     import tempfile
     folder = tempfile.mkdtemp(prefix="prelaunch")  # short: a Unix socket's path is at most 107 bytes
     log = open(os.path.join(folder, "server.log"), "w")
@@ -130,6 +162,8 @@ def pytest_unconfigure(config) -> None:
 
 def _prelaunch_socket() -> str:
     import time
+    if "proc" not in _PRELAUNCH:
+        _start_prelaunch()
     proc, sock = _PRELAUNCH["proc"], _PRELAUNCH["sock"]
     deadline = time.time() + 300
     while not os.path.exists(sock):
@@ -173,6 +207,7 @@ def launch(cfg: dict, *args: str, ranks: int = 2, env: dict = (), wait: bool = T
     if wait and launcher == "prelaunch":
         return prelaunched(script, ranks, env)
     assert launcher in ("prelaunch", "deepspeed"), launcher
+    need(os.path.exists(DEEPSPEED), f"DeepSpeed's launcher at {DEEPSPEED} (pip install deepspeed)")
     cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()), *script]
     return _run(cmd, env, wait)
 
@@ -183,6 +218,7 @@ def torchrun(script_args: list[str], ranks: int = 2, env: dict = (), wait: bool 
     if wait and launcher == "prelaunch":
         return prelaunched(script_args, ranks, env)
     assert launcher in ("prelaunch", "torchrun"), launcher
+    need(os.path.exists(TORCHRUN), f"torchrun at {TORCHRUN}")
     cmd = [TORCHRUN, "--nproc_per_node", str(ranks), "--master_port", str(free_port()), *script_args]
     return _run(cmd, env, wait)
 

@@ -30,7 +30,7 @@ import sys
 import time
 
 PRELOAD = ("torch", "torch.distributed", "timm", "torchvision", "deepspeed", "accelerate", "webdataset",
-           "pyarrow", "safetensors.torch", "pretrain.train", "pretrain.training.build",
+           "pyarrow", "safetensors.torch", "pretrain.train", "pretrain.training.distributed",
            "pretrain.training.deepspeed_backend", "pretrain.training.accelerate_backend", "pretrain.models",
            "pretrain.weights", "pretrain.convert", "pretrain.release", "pretrain.make_shards", "finetune.run")
 # Read when the modules above are imported (here, once): a job may not change them.

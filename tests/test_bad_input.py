@@ -50,6 +50,7 @@ def test_inflated_manifest_counts_are_refused_at_startup(images, tmp_path):
         build_loader(LoaderConfig(str(out / "_info.json"), batch_size=4, workers=0, aug=AUG))
 
 
+@pytest.mark.slow
 def test_invalid_manifest_json_is_one_line_exit_2_in_training_and_verify(images, tmp_path):
     out = copy_shards(images, tmp_path / "s")
     (out / "_info.json").write_text('{"splits": {"train": ')
@@ -175,6 +176,8 @@ def test_http_checkpoints_load(tmp_path):
 
 # ------------------------------------------------------------------------------- the entry points
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_entry_points_turn_data_and_checkpoint_errors_into_one_line(images, tmp_path):
     from conftest import base_config, launch
     out = copy_shards(images, tmp_path / "s")

@@ -49,31 +49,6 @@ def test_demo_convert_runs_through_the_library_not_another_entry_point(capsys, t
     assert "timm vs ours at 384/window 12" in out and "OK" in out
 
 
-ENTRY_MODULES = {"pretrain.train", "pretrain.make_shards", "pretrain.release", "pretrain.convert", "finetune.run",
-                 "finetune.demo", "finetune.demo_convert"}
-
-
-def test_no_module_imports_an_entry_module_and_each_uses_the_cli_layer():
-    """The library never imports an app; no app imports another's entry module (shared helpers live in the
-    library under public names); every entry point parses and reports errors through pretrain.cli."""
-    import ast
-    from pathlib import Path
-    repo = Path(__file__).resolve().parents[1]
-    for f in sorted([*repo.glob("pretrain/**/*.py"), *repo.glob("finetune/*.py")]):
-        name = ".".join(f.relative_to(repo).with_suffix("").parts)
-        tree = ast.parse(f.read_text())
-        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-        imported |= {f"{name.rsplit('.', 1)[0]}.{n.module}" for n in ast.walk(tree)
-                     if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
-        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not imported & (ENTRY_MODULES - {name}), f"{f} imports an entry module: {imported & ENTRY_MODULES}"
-        if name.startswith("pretrain"):
-            assert not any(m.startswith("finetune") for m in imported), f"{f}: the library imports an app"
-        if name in ENTRY_MODULES:
-            assert "pretrain.cli" in imported or "cli" in {a.name for n in ast.walk(tree)
-                                                            if isinstance(n, ast.ImportFrom) for a in n.names}, f
-
-
 def test_a_run_with_keys_this_version_does_not_know_still_exports(capsys, tmp_path):
     """export reads only the checkpoint's model section; unknown keys there are named in a warning."""
     import json
@@ -82,7 +57,7 @@ def test_a_run_with_keys_this_version_does_not_know_still_exports(capsys, tmp_pa
 
     from pretrain.config import load_config
     from pretrain.models import model_from_section
-    from pretrain.training.checkpointing import mark_complete, write_state
+    from pretrain.runs import mark_complete, write_state
     cfg = load_config("configs/swin_tiny_cpu.json", ["backend=accelerate", "optim.zero_stage=null"])
     saved = cfg.to_dict()
     saved["a_future_section"] = {"x": 1}
@@ -96,26 +71,6 @@ def test_a_run_with_keys_this_version_does_not_know_still_exports(capsys, tmp_pa
     io = capsys.readouterr()
     assert "ignoring model key(s) this version does not know: model.a_future_model_key" in io.err
     assert io.out.count("wrote ") == 2 and "Traceback" not in io.err
-
-
-def test_the_training_modules_import_one_another_without_a_cycle():
-    """backend.py is the seam the backends implement: it imports none of them (build.py picks one)."""
-    import ast
-    from pathlib import Path
-    pkg = Path(__file__).resolve().parents[1] / "pretrain" / "training"
-    names = {f.stem for f in pkg.glob("*.py")} - {"__init__"}
-    deps = {}
-    for name in names:
-        tree = ast.parse((pkg / f"{name}.py").read_text())
-        deps[name] = {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                      and n.level == 1} | {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
-                                           and n.level == 1 and not n.module for a in n.names}
-        deps[name] &= names
-
-    def reaches(start: str, goal: str, seen: set) -> bool:
-        return any(d == goal or (d not in seen and reaches(d, goal, seen | {d})) for d in deps[start])
-    assert not any(reaches(n, n, {n}) for n in names), deps
-    assert not deps["backend"] and "loop" not in set().union(*deps.values())
 
 
 def test_tests_do_not_import_each_other():

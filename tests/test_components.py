@@ -1,5 +1,6 @@
 """The training core's parts, in one process (world 1, accelerate on the CPU): the Trainer's public
-train_step and fit, the CheckpointManager's exact resume, the Evaluator alone, Preemption, the train state."""
+train_step and fit, the CheckpointManager's exact resume and a crash inside a save, each part's cadence, the
+Evaluator alone, Preemption, the train state."""
 import json
 import os
 import signal
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from pretrain.config import load_config
-from pretrain.training import Evaluator, Faults, NonFiniteLossError, Preempted, Trainer, evaluate_weights
+from pretrain.runs import RunExistsError
+from pretrain.training import Faults, NonFiniteLossError, Preempted, Trainer, evaluate_weights
 from pretrain.training.loop import TrainState
 from pretrain.training.preemption import Preemption, act
 
@@ -72,8 +74,58 @@ def test_train_step_fit_resume_and_the_evaluator_in_one_process(shards, tmp_path
         assert after[step] == pytest.approx(losses[step], abs=1e-6), (step, after[step], losses[step])
 
     def final_weights(model: torch.nn.Module) -> None:
-        from pretrain.training.checkpointing import load_run_weights
+        from pretrain.runs import load_run_weights
         model.load_state_dict(load_run_weights(str(tmp_path / "a" / "checkpoints"), "step00000006"))
     alone = evaluate_weights(again, final_weights)
     assert alone["val_samples"] == 16 and alone["val_top1"] == pytest.approx(result["val_top1"], abs=1e-9)
-    assert issubclass(Evaluator, object) and not (tmp_path / "b").exists()  # evaluation wrote no run dir
+    assert not (tmp_path / "b").exists()  # evaluation wrote no run dir
+
+
+class CrashInSave(Faults):
+    """A rank that dies inside a save, after its files and before the pointer moves (launched runs exit 17
+    there; in one process the exception stands for it)."""
+
+    def in_save(self, step: int) -> None:
+        if self.crash_in_save == step:
+            raise SystemError(f"crashed inside the save of update {step}")
+
+
+def test_a_crash_inside_a_save_keeps_the_previous_checkpoint_and_resume_replaces_the_half_tag(shards, tmp_path):
+    """Moved here from a 2-rank launch: every step of it is one rank's behaviour. 7 updates an epoch."""
+    cfg = in_process_config(shards, tmp_path / "crash", optim={"max_steps": 10})
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        Trainer(cfg, resume="auto")
+    with pytest.raises(SystemError, match="update 8"):
+        Trainer(cfg, faults=CrashInSave(crash_in_save=8)).fit()
+    ckpt = tmp_path / "crash" / "checkpoints"
+    assert (ckpt / "step00000008").exists() and not (ckpt / "step00000008" / "COMPLETE").exists()
+    assert (ckpt / "latest_complete").read_text() == "step00000007"  # the epoch-end checkpoint
+    resumed = Trainer(cfg, resume="auto")
+    assert resumed.state.step == 7
+    resumed.fit()
+    assert (ckpt / "latest_complete").read_text() == "step00000010"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000008", "step00000010"]  # keep=2, 8 redone
+    with pytest.raises(RunExistsError, match="already holds a run.*--resume auto"):
+        Trainer(cfg)  # a fresh start where a run is: refused, nothing overwritten
+    assert (ckpt / "latest_complete").read_text() == "step00000010"
+
+
+def test_each_part_keeps_its_own_cadence(shards, tmp_path):
+    """Metrics every log.every_steps (and the last), evaluation every log.eval_every_steps, checkpoints every
+    checkpoint.every_steps and at each epoch's end (7 updates), the last after the final evaluation."""
+    cfg = in_process_config(shards, tmp_path / "c", optim={"max_steps": 10}, log={"every_steps": 3,
+                            "eval_every_steps": 5, "tensorboard": False, "progress": False},
+                            checkpoint={"every_steps": 4, "keep": 10})
+    trainer = Trainer(cfg)
+    trainer.fit()
+    recs = [json.loads(x) for x in open(tmp_path / "c" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [3, 6, 9, 10]
+    assert [r["step"] for r in recs if "val_top1" in r] == [5, 10]
+    assert sorted(p.name for p in (tmp_path / "c" / "checkpoints").glob("step*")) == [
+        "step00000004", "step00000007", "step00000008", "step00000010"]
+    m, e, c = trainer.metrics, trainer.evaluator, trainer.checkpoints
+    assert [s for s in range(1, 11) if m.should_log(s)] == [3, 6, 9, 10]
+    assert [s for s in range(1, 11) if e.should_run(s)] == [5, 10] and not e.should_run(7, epoch_end=True)
+    e.every_steps = 0  # log.eval_every_steps 0: at each epoch's end only
+    assert not e.should_run(5) and e.should_run(7, epoch_end=True)
+    assert c.maybe_save(10, last=True) is None and c.maybe_save(9) is None  # neither due nor saved

@@ -170,6 +170,8 @@ def test_order_is_a_function_of_seed_and_epoch(shards):
     first = [torch.cat([x[0].flatten() for x in a])]
     assert torch.equal(first[0], torch.cat([x[0].flatten() for x in b]))
     assert epoch_keys(a) != epoch_keys(build_loader(cfg, 0, 2))  # epoch 1 differs from epoch 0
+    other_seed = epoch_keys(build_loader(loader_cfg(f"{shards}/_info.json", seed=1), 0, 2))
+    assert sorted(other_seed) == sorted(epoch_keys(build_loader(cfg, 0, 2))) != other_seed  # same samples, reordered
 
 
 def test_mid_epoch_resume_gives_identical_batches(shards):
@@ -293,6 +295,23 @@ def test_pipe_urls_need_the_config_flag(tmp_path):
     assert sum(int(b[2].sum()) for b in build_loader(cfg, 0, 1, training=False)) == 6
 
 
+def test_evaluation_resizes_with_aug_interpolation():
+    """aug.interpolation acts in evaluation too (the official build_transform), 'random' evaluates bicubic;
+    the reference is torchvision's Resize + CenterCrop with that mode."""
+    import numpy as np
+    from torchvision import transforms as T
+
+    from pretrain.data.transforms import eval_transform
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    out = {}
+    for name in ("bilinear", "bicubic", "random"):
+        out[name] = eval_transform(AugConfig(img_size=32, interpolation=name))(img)
+        mode = T.InterpolationMode.BICUBIC if name == "random" else T.InterpolationMode(name)
+        want = T.Compose([T.Resize(36, interpolation=mode), T.CenterCrop(32), T.PILToTensor()])(img)
+        assert torch.equal(out[name], want), name  # exact: the same resize, uint8 out
+    assert not torch.equal(out["bilinear"], out["bicubic"]) and torch.equal(out["random"], out["bicubic"])
+
+
 def test_training_transform_output_and_batch_augment():
     from pretrain.data.transforms import BatchAugment, train_transform
     x = train_transform(AugConfig(img_size=32))(jpeg())
@@ -330,7 +349,8 @@ def test_tar_reader_matches_tarfile_with_long_pax_names():
         list(iter_samples(io.BytesIO(raw[:1500])))
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("spawn", marks=pytest.mark.slow),
+                                    pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_writer_pool_and_loader_workers_under_each_start_method(shards, image_folder, tmp_path, method):
     out = str(tmp_path / "out")
     write_shards(WriteOptions(image_folder, out, val_per_class=2, samples_per_shard=7, workers=2,
@@ -440,6 +460,7 @@ print("left open", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_loader_left_open_does_not_hang_the_exit(shards):
     """Workers ignore SIGTERM (Slurm's signal is the trainer's), so multiprocessing's exit-time terminate()
     can't stop them: a loader its caller never closed (an error path, a test) once hung the interpreter's

@@ -1,4 +1,5 @@
 """The README's main job, `launch/demo.py`, at a smaller size, and the docs generated from code."""
+import pytest
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.demo
 def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     out = tmp_path / "runs"
     cmd = [sys.executable, "launch/demo.py", "--out", str(out), "--pretrain-steps", "6", "--finetune-epochs", "1"]
@@ -52,6 +54,7 @@ def test_demo_step_launches_again_only_when_its_command_or_inputs_changed(tmp_pa
     assert step(3000, 8, tag="step_00000008") == 4  # the config file changed: launched
 
 
+@pytest.mark.demo
 def test_simmim_demo_reconstructs_better_and_both_finetunes_beat_chance(tmp_path):
     """`launch/demo.py --task simmim`: SimMIM pretraining on the generated set (30 updates, an evaluation per
     epoch of 10), then fine-tunes from it and from random init in the same budget: the last validation

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, load_config
-from pretrain.training.checkpointing import load_run_weights
+from pretrain.runs import load_run_weights
 
 from conftest import REPO, base_config, entry, launch, losses, ok, python, simmim_config, torchrun, write_config
 
 
+@pytest.mark.dist
 def test_zero_stages_agree_and_loss_decreases(shards, tmp_path):
     runs = {}
     for stage in (0, 1, 2, 3):
@@ -68,6 +69,8 @@ def test_shipped_configs_load_with_the_official_recipe():
     assert load_config(str(REPO / "configs" / "swin_tiny_cpu.json")).model.img_size == 64
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_simmim_sigkill_one_rank_then_resume_auto_matches_uninterrupted(unlabelled_shards, simmim_reference, tmp_path):
     """SimMIM on unlabelled shards: a rank SIGKILLed after the checkpoint at update 4, `--resume auto`: the
     uninterrupted run's losses (to 1e-6). (A supervised rank is SIGKILLed and resumed the same way in
@@ -107,26 +110,7 @@ def kill_one_rank_then_resume(cfg: dict, want: dict[int, float]) -> None:
     assert not left, left
 
 
-def test_crash_during_save_keeps_previous_checkpoint_and_resume_needs_one(shards, tmp_path):
-    cfg = base_config(shards, tmp_path / "crash", optim={"max_steps": 10})
-    nothing = launch(cfg, "--resume", "auto")
-    assert nothing.returncode != 0 and "no complete checkpoint" in nothing.stdout + nothing.stderr
-    crashed = launch(cfg, faults={"crash_in_save": 8})
-    assert crashed.returncode != 0
-    ckpt = Path(cfg["run_dir"], "checkpoints")
-    assert (ckpt / "step00000008").exists() and not (ckpt / "step00000008" / "COMPLETE").exists()
-    assert (ckpt / "latest_complete").read_text() == "step00000007"  # the epoch-end checkpoint (7 per epoch)
-    resumed = launch(cfg, "--resume", "auto")
-    ok(resumed)
-    assert "resumed from" in resumed.stdout and "step00000007" in resumed.stdout
-    assert (ckpt / "latest_complete").read_text() == "step00000010"
-    assert sorted(p.name for p in ckpt.glob("step*")) == ["step00000008", "step00000010"]  # keep=2
-    assert "replacing" in resumed.stdout and "step00000008" in resumed.stdout  # the half-written tag, said
-    fresh = launch(cfg)  # a fresh start where a run is: refused, nothing overwritten
-    assert fresh.returncode == 2 and "already holds a run" in fresh.stderr and "--resume auto" in fresh.stderr
-    assert (ckpt / "latest_complete").read_text() == "step00000010"
-
-
+@pytest.mark.dist
 def test_two_rank_checkpoint_resumes_on_one_rank(shards, tmp_path):
     # One update = the whole epoch (112 images), so 2 ranks and 1 rank see the same samples in every update,
     # whatever order the loader gives each world size; no drop-path (its draws are per rank).
@@ -164,6 +148,8 @@ def launch_backend(backend: str, cfg: dict, faults: dict):
 
 # Each backend's loader workers under another start method than fork: the launch/ shim must survive a
 # child process that imports the main module again.
+@pytest.mark.dist
+@pytest.mark.launcher
 @pytest.mark.parametrize("backend,method", [("deepspeed", "forkserver"), ("accelerate", "spawn")])
 def test_nan_on_one_rank_skips_the_update_on_both(shards, tmp_path, backend, method):
     sections = dict(backend=backend, data={"start_method": method},
@@ -190,6 +176,7 @@ def test_nan_on_one_rank_skips_the_update_on_both(shards, tmp_path, backend, met
     assert (r.stdout + r.stderr).count("error: 2 non-finite updates in a row") == 1
 
 
+@pytest.mark.dist
 def test_bad_configs_name_the_key(tmp_path, shards):
     cfg = base_config(shards, tmp_path / "bad")
     with pytest.raises(ConfigError, match="optim.lerning_rate"):
@@ -208,6 +195,8 @@ def test_bad_configs_name_the_key(tmp_path, shards):
     assert r.returncode == 2 and "x world size (2)" in r.stderr
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_sigterm_checkpoints_and_exits_nonzero(shards, tmp_path):
     cfg = base_config(shards, tmp_path / "term", optim={"max_steps": 14}, checkpoint={"every_steps": 100})
     proc = launch(cfg, wait=False, faults={"sleep_s": 0.4})
@@ -229,6 +218,8 @@ def test_sigterm_checkpoints_and_exits_nonzero(shards, tmp_path):
     assert pointer.read_text() == "step%08d" % int(m[1]) and int(m[1]) < 14
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_compiled_model_trains_to_the_eager_losses(shards, tmp_path):
     """model.compile=true on 2 DeepSpeed CPU ranks (bf16): torch.compile inside the engine, its inductor
     cache in the run dir, the same losses as eager up to kernel-fusion rounding."""
@@ -254,6 +245,8 @@ def test_compiled_model_trains_to_the_eager_losses(shards, tmp_path):
         assert abs(got[step] - want[step]) <= 2e-3 * want[step], (step, got, want)
 
 
+@pytest.mark.dist
+@pytest.mark.slow
 def test_simmim_under_zero3_and_compiled_zero2_follows_the_reference(unlabelled_shards, simmim_reference, tmp_path):
     """SimMIM on the other engine settings, 2 ranks: ZeRO-3 (bf16) computes the reference's first loss (ZeRO-1,
     to 1e-6: the same weights and batch) and its export consolidates the partitions into the SimMIM layouts;
@@ -290,6 +283,7 @@ def test_simmim_under_zero3_and_compiled_zero2_follows_the_reference(unlabelled_
         assert abs(got[step] - simmim_reference[step]) <= 0.03 * simmim_reference[step], (step, got, simmim_reference)
 
 
+@pytest.mark.launcher
 def test_prebuilt_deepspeed_cpu_op_is_not_compiled_again_by_a_run():
     """`make install` calls prebuild_cpu_ops so that a CPU run's process-group init (DeepSpeed's build_shm_op,
     ~60 s of compiling on 2 cores) finds the op built: another process loading it runs no compiler."""

@@ -1,4 +1,5 @@
-"""Fine-tuning at a new resolution/window with accelerate, 2 processes on CPU (torchrun, gloo)."""
+"""Fine-tuning at a new resolution/window with accelerate: in one process, and on 2 processes on CPU (torchrun,
+gloo) where ranks, a kill or a signal are what is tested."""
 import json
 import os
 import re
@@ -30,20 +31,25 @@ def records(run_dir: str) -> list[dict]:
     return [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
 
 
-def test_finetune_new_resolution_and_window_learns_and_exports(shards, official_ckpt, tmp_path):
+def test_finetune_new_resolution_and_window_learns_and_exports(shards, official_ckpt, tmp_path, capsys, monkeypatch):
+    """In one process (main(argv), as the console script calls it; world 1): what is resized, what is learned,
+    what is exported, and that the export scores what training reported. Two ranks: the ZeRO-2, kill/resume
+    and Slurm fine-tunes."""
+    from finetune.run import main
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # main sets it: undone after
     cfg = config(tmp_path, shards, official_ckpt, epochs=8)
-    r = run(cfg)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resized: 2 relative_position_bias_table(s) bicubic, e.g. (49, 1) -> (121, 1)" in r.stdout
+    assert main(["--config", cfg]) == 0
+    out = capsys.readouterr().out
+    assert "resized: 2 relative_position_bias_table(s) bicubic, e.g. (49, 1) -> (121, 1)" in out
     final = [x for x in records(str(tmp_path / "ft")) if "val_top1" in x][-1]
     assert final["val_samples"] == 16
     assert final["val_top1"] >= 40.0, final  # 8 classes: chance is 12.5%
     exported = tmp_path / "ft" / "export" / "finetuned.official.safetensors"
     model = build_model("swin_tiny", img_size=48, window_size=6, **TINY)
     assert load_pretrained(model, str(exported)).layout == "official"
-    ev = run(cfg, "--eval-only", "--pretrained", str(tmp_path / "ft" / "export" / "finetuned.ours.safetensors"))
-    assert ev.returncode == 0, ev.stderr[-3000:]
-    assert f"top-1 {final['val_top1']:.2f}%" in ev.stdout  # the exported weights score what training reported
+    assert main(["--config", cfg, "--eval-only", "--pretrained",
+                 str(tmp_path / "ft" / "export" / "finetuned.ours.safetensors")]) == 0
+    assert f"top-1 {final['val_top1']:.2f}%" in capsys.readouterr().out  # the export scores what training said
 
 
 # The shipped recipe's randomness on: drop-path, Mixup + CutMix, random erasing, and an EMA.
@@ -51,6 +57,8 @@ NOISY = dict(model={"drop_path_rate": 0.2}, aug={"mixup": 0.8, "cutmix": 1.0, "r
              finetune={"ema_decay": 0.9}, checkpoint={"every_steps": 3, "keep": 5})
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_resume_after_kill_is_exact_with_drop_path_mixup_erasing_and_ema(shards, official_ckpt, tmp_path):
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -111,6 +119,8 @@ def test_missing_inputs_are_named():
     assert "--pretrained" in r.stderr and "--data" in r.stderr
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_finetune_under_deepspeed_zero2_exports_what_it_evaluated(shards, official_ckpt, tmp_path):
     cfg = config(tmp_path, shards, official_ckpt, epochs=2, backend="deepspeed", optim={"zero_stage": 2})
     cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), "finetune/run.py",
@@ -127,6 +137,8 @@ def test_finetune_under_deepspeed_zero2_exports_what_it_evaluated(shards, offici
     assert f"top-1 {final['val_top1']:.2f}%" in ev.stdout  # the consolidated ZeRO weights are what was trained
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_sigterm_checkpoints_a_finetune_and_a_fresh_start_there_is_refused(shards, official_ckpt, tmp_path):
     cfg = config(tmp_path, shards, official_ckpt, epochs=3, checkpoint={"every_steps": 100})
     proc = run(cfg, wait=False, faults={"sleep_s": 0.4})

@@ -24,7 +24,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("variant,img,window", [
-    ("swin_tiny", 224, 7), ("swin_tiny", 384, 12), ("swin_base", 224, 7), ("swin_base", 384, 12),
+    ("swin_tiny", 224, 7), ("swin_tiny", 384, 12), pytest.param("swin_base", 224, 7, marks=pytest.mark.slow),
+    pytest.param("swin_base", 384, 12, marks=pytest.mark.slow),
     ("swin_tiny", (224, 160), 7),  # non-square
     ("swin_tiny", 256, 7),  # window doesn't divide 64/32/16/8: padded
 ])
@@ -39,6 +40,7 @@ def test_logits_match_timm(variant, img, window, impl):
     assert rel_err(a, b) <= 1e-4
 
 
+@pytest.mark.slow
 def test_gradients_match_timm():
     ours, ref = pair("swin_tiny", img_size=(160, 224), num_classes=10)
     ours.train(), ref.train()

@@ -37,7 +37,8 @@ def shards_of(n_shards, total, spread, seed=0):
     return [(f"s3://b/train-{i:06d}.tar", n) for i, n in enumerate(lengths)]
 
 
-@pytest.mark.parametrize("world,n_shards,spread", [(512, 4096, 0.05), (64, 4096, 0.5), (16, 128, 0.9)])
+@pytest.mark.parametrize("world,n_shards,spread", [pytest.param(512, 4096, 0.05, marks=pytest.mark.slow),
+                                                   (64, 4096, 0.5), (16, 128, 0.9)])
 def test_plan_every_rank_equal_batches_no_sample_twice_and_98_percent_used(world, n_shards, spread):
     """Every rank's plan, as each rank computes its own: the same batch count, every role's pieces at least
     its batches' samples (a role keeps its spare: a corrupt sample costs no re-read), no sample in two places,
@@ -68,7 +69,8 @@ def test_plan_is_a_function_of_seed_and_epoch():
     shards = shards_of(256, 100_000, 0.2)
     a, b = train_plan(shards, 1, 0, 5, 32, 4, 64), train_plan(shards, 1, 0, 5, 32, 4, 64)
     assert a == b
-    assert train_plan(shards, 1, 1, 5, 32, 4, 64).pieces != a.pieces
+    assert train_plan(shards, 1, 1, 5, 32, 4, 64).pieces != a.pieces  # another epoch
+    assert train_plan(shards, 2, 0, 5, 32, 4, 64).pieces != a.pieces  # another seed
 
 
 def test_cluster_sized_manifest_plans_without_shards(tmp_path):
@@ -106,6 +108,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.dist
 def test_manifest_is_read_on_rank_0_and_broadcast(tmp_path):
     """Two real gloo ranks: rank 1 cannot read the manifest at all, yet plans the same epoch, and a refusal
     found on rank 0 reaches rank 1 as the same one-line DataError (no rank left waiting)."""

@@ -16,11 +16,12 @@ from pretrain.config import ConfigError, load_config
 from pretrain.data.loader import DataError, LoaderConfig, build_loader
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
+from pretrain.data.targets import Labels
 from pretrain.data.transforms import AugConfig
 from pretrain.models.layers import log_spaced_coords
-from pretrain.training import checkpointing as ckpt
+from pretrain import runs as ckpt
 
-from conftest import REPO, base_config, launch, losses, python
+from conftest import REPO, base_config, launch, losses, need, python
 
 AUG = AugConfig(img_size=32, auto_augment=None)
 CPU_CONFIG = str(REPO / "configs/swin_tiny_cpu.json")
@@ -58,7 +59,7 @@ def test_values_that_would_fail_later_are_refused_at_load(override, message):
 
 
 def test_an_unknown_randaugment_spec_is_refused_naming_the_key():
-    from pretrain.config import auto_augment_check
+    from pretrain.data.aug_checks import auto_augment_check
     ok, msg = auto_augment_check("rand-x9")
     assert not ok and "aug.auto_augment='rand-x9' is not a timm augmentation spec" in msg
     assert auto_augment_check("rand-m9-mstd0.5-inc1") == (True, "") and auto_augment_check(None)[0]
@@ -66,7 +67,7 @@ def test_an_unknown_randaugment_spec_is_refused_naming_the_key():
 
 # ------------------------------------------------------------------------------------------- run identity
 
-HOLD = ("import sys, time; from pretrain.training.checkpointing import RunLock; "
+HOLD = ("import sys, time; from pretrain.runs import RunLock; "
         "l = RunLock(sys.argv[1]); l.acquire(); print('held', flush=True); time.sleep(60)")
 
 
@@ -151,7 +152,7 @@ def cfg(source, **kw):
 
 def test_labels_outside_the_model_are_refused_naming_shard_and_key(rel_shards):
     with pytest.raises(DataError, match=r"its manifest says 4 classes, more than the model's 3"):
-        build_loader(cfg(rel_shards / "_info.json", num_classes=3))
+        build_loader(cfg(rel_shards / "_info.json", targets=Labels(3)))
     info = json.loads((rel_shards / "_info.json").read_text())
     bare = rel_shards.parent / "bare"
     bare.mkdir()
@@ -159,7 +160,7 @@ def test_labels_outside_the_model_are_refused_naming_shard_and_key(rel_shards):
         (bare / f).symlink_to(rel_shards / f)
     del info["num_classes"]
     (bare / "_info.json").write_text(json.dumps(info))  # foreign shards: no class count to compare with
-    loader = build_loader(cfg(bare / "_info.json", num_classes=3, workers=2), 0, 1)
+    loader = build_loader(cfg(bare / "_info.json", targets=Labels(3), workers=2), 0, 1)
     with pytest.raises(DataError) as e:
         list(loader)
     msg = str(e.value)
@@ -210,6 +211,8 @@ def test_convert_of_one_damaged_tensor_names_it_alone(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit together" in r.stderr
 
 
+@pytest.mark.dist
+@pytest.mark.launcher
 def test_two_runs_started_in_one_run_dir_one_runs_the_other_is_refused(shards, tmp_path):
     """The real DeepSpeed launcher, 2 ranks each: the second run in the same run dir is refused naming the
     holder, and the first finishes with its checkpoints and metrics intact."""
@@ -257,15 +260,15 @@ def test_resuming_with_a_changed_architecture_names_the_keys(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
     now = load_config(CPU_CONFIG, ["model.window_size=3", "model.drop_path_rate=0.0"])
     with pytest.raises(ConfigError, match=r"architecture changed since it was saved \(model.window_size: "):
-        ckpt.check_same_architecture(now, str(tmp_path / "config.json"))
-    ckpt.check_same_architecture(load_config(CPU_CONFIG, ["model.drop_path_rate=0.0"]), str(tmp_path / "config.json"))
+        ckpt.check_same_architecture(now.to_dict(), str(tmp_path / "config.json"))
+    ckpt.check_same_architecture(load_config(CPU_CONFIG, ["model.drop_path_rate=0.0"]).to_dict(),
+                                str(tmp_path / "config.json"))
 
 
 @pytest.fixture
 def mounted(tmp_path):
     """A read-only bind mount and a 64 KiB tmpfs (real filesystems that refuse writes), as root (CI is)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only bind and a tiny tmpfs")
+    need(os.geteuid() == 0, "root, to mount a read-only bind and a tiny tmpfs")
     ro, full = tmp_path / "ro", tmp_path / "full"
     (tmp_path / "src").mkdir()
     ro.mkdir()
@@ -278,6 +281,7 @@ def mounted(tmp_path):
     subprocess.run(["umount", str(full)], check=False)
 
 
+@pytest.mark.root
 def test_read_only_run_dir_and_full_disk_are_one_line_errors(mounted):
     from pretrain.io import write_bytes_atomic
     from pretrain.cli import user_error

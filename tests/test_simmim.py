@@ -7,13 +7,14 @@ utils_simmim.load_pretrained with SciPy 1.13's interp2d) on a small Swin with pe
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from pretrain.data.transforms import AugConfig
-from pretrain.models import MaskGenerator, build_model, build_simmim
+from pretrain.data.masks import MaskGenerator
+from pretrain.models import build_model, build_simmim
 from pretrain.models.simmim import norm_targets, to_official
 from pretrain.weights import (CheckpointMismatchError, export, geometric_positions, load_pretrained,
                               read_checkpoint, spline_matrix)
@@ -259,7 +260,7 @@ def test_multistep_schedule_is_the_official_one():
     cfg = load_config(None, ["task=simmim", "model.img_size=192", "optim.schedule=multistep", "optim.epochs=8",
                              "optim.decay_epochs=[5, 7]", "optim.warmup_epochs=1", "optim.global_batch=512"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
-    sched = build_scheduler(opt, cfg, updates_per_epoch=10)
+    sched = build_scheduler(opt, cfg.optim, updates_per_epoch=10)
     base, warm = cfg.lr, cfg.optim.warmup_lr
     for t in range(80):
         sched.step_update(t)
@@ -318,13 +319,11 @@ def test_make_shards_no_labels_writes_and_verifies_an_unlabelled_folder(capsys, 
 
 def test_the_picture_of_a_normalized_target_model_and_a_loader_mask_error():
     """The evaluation picture (rows: images; columns: original | masked | reconstruction) with normalized
-    targets (V2 recipe) is drawn back in pixel space; a LoaderConfig with a bad mask is a DataError naming
-    the key."""
+    targets (V2 recipe) is drawn back in pixel space; the task's loader targets with a bad mask are a DataError
+    naming the key."""
     from pretrain.config import load_config
-    from pretrain.data.loader import LoaderConfig, ShardStream
     from pretrain.data.manifest import DataError
-    from pretrain.config import SimMIMSection
-    from pretrain.training.task import MaskedImageModeling
+    from pretrain.tasks import MaskedImageModeling
     cfg = load_config(None, ["task=simmim", "model.img_size=32", "simmim.mask_patch_size=8",
                              "simmim.norm_target_patch=5"])
     task = MaskedImageModeling(cfg, torch.device("cpu"))
@@ -341,5 +340,4 @@ def test_the_picture_of_a_normalized_target_model_and_a_loader_mask_error():
     visible = (masks[0].repeat_interleave(4, 0).repeat_interleave(4, 1) == 0).numpy()
     np.testing.assert_array_equal(picture[:32, 64:][visible], picture[:32, :32][visible])  # input where visible
     with pytest.raises(DataError, match=r"simmim.mask_patch_size=12 does not divide the image size 32"):
-        ShardStream(LoaderConfig("unused.tar|10", simmim=SimMIMSection(mask_patch_size=12),
-                                 aug=AugConfig(img_size=32)), 0, 1, training=False)
+        MaskedImageModeling.targets(replace(cfg, simmim=replace(cfg.simmim, mask_patch_size=12)))

@@ -16,7 +16,8 @@ import pytest
 
 from pretrain.slurm import SlurmEnvError, parse_nodelist, placement
 
-from conftest import REPO, base_config, finetune_config, losses, official_checkpoint, ok, simmim_config, torchrun
+from conftest import (REPO, base_config, finetune_config, losses, need, official_checkpoint, ok, simmim_config,
+                      torchrun)
 
 
 def test_nodelist_expansion():
@@ -57,10 +58,9 @@ def require(cluster: dict, nodes: int) -> None:
     r = slurm(cluster, "sinfo", "-h", "-N", "-o", "%N %t") if shutil.which("sbatch") else None
     up = [line for line in (r.stdout.splitlines() if r and r.returncode == 0 else [])
           if line.split()[-1] in ("idle", "mix", "alloc")]
-    if len(up) < nodes:
-        script = ".ci/slurm_up.sh" if nodes == 1 else ".ci/slurm_2node.sh up"
-        pytest.fail(f"no {nodes}-node Slurm cluster answers here ({r.stderr.strip() if r else 'no sbatch'}): "
-                    f"run `bash {script}` (as root) first")
+    script = ".ci/slurm_up.sh" if nodes == 1 else ".ci/slurm_2node.sh up"
+    need(len(up) >= nodes, f"a {nodes}-node Slurm cluster; none answers here "
+                           f"({r.stderr.strip() if r else 'no sbatch'}): run `bash {script}` (as root) first")
 
 
 def submit(cluster: dict, nodes: int, log: Path, env: dict, script: list[str]) -> str:
@@ -155,6 +155,8 @@ def reference(shards, tmp_path_factory) -> dict[int, float]:
     return want
 
 
+@pytest.mark.slurm
+@pytest.mark.dist
 def test_simmim_on_two_nodes_survives_preempt_requeue_resume(unlabelled_shards, tmp_path, simmim_reference):
     """One rank per node, SimMIM on unlabelled shards: USR1 -> checkpoint -> requeue -> resume, and the losses
     equal the uninterrupted 2-rank run's. (The supervised run's "two nodes train as one" is checked by the
@@ -197,6 +199,8 @@ def node_pids(netns: str, needle: str) -> list[int]:
     return [p for p in pids if needle not in cmdline(ppid[p])]
 
 
+@pytest.mark.slurm
+@pytest.mark.dist
 def test_lost_node_ends_the_job_within_the_timeout_and_resume_auto_continues(shards, tmp_path, reference):
     require(TWO_NODES, 2)
     timeout_s = 60
@@ -224,6 +228,8 @@ def test_lost_node_ends_the_job_within_the_timeout_and_resume_auto_continues(sha
     assert_equal_losses(losses(cfg["run_dir"]), reference)
 
 
+@pytest.mark.slurm
+@pytest.mark.dist
 def test_finetune_across_two_nodes_equals_one_host(shards, tmp_path):
     require(TWO_NODES, 2)
     ckpt = official_checkpoint(tmp_path / "tiny_official.pth")

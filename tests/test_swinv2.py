@@ -140,6 +140,7 @@ def test_shipped_v2_configs_carry_the_official_recipe():
         assert (f.model.window_size, f.model.pretrained_window_sizes, f.aug.eval_crop) == (24, [12, 12, 12, 6], False)
 
 
+@pytest.mark.demo
 def test_demo_v2_pretrained_at_window_4_fine_tunes_at_window_6(tmp_path):
     out = tmp_path / "runs"
     # A shortened demo (30 updates, 2 fine-tune epochs: 27.5% top-1 when written; the full one reaches more)

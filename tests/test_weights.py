@@ -219,6 +219,7 @@ def test_not_a_swin_checkpoint(tmp_path):
         load_pretrained(tiny(), str(path))
 
 
+@pytest.mark.slow
 def test_convert_cli_official_to_timm_at_new_resolution(tmp_path):
     torch.manual_seed(0)
     src = build_model("swin_tiny", num_classes=21841)

@@ -26,13 +26,15 @@ from typing import Optional
 
 import numpy as np
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "jpeg_roi.c"
 _ERR_LEN = 200
 
 
-class JpegBuildError(RuntimeError):
+class JpegBuildError(UserError, RuntimeError):
     """The ROI decoder could not be compiled or loaded."""
 
 

@@ -33,18 +33,17 @@ from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
 import fsspec
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..config import DataSection, SimMIMSection
-from ..models.simmim import MaskGenerator
+from ..compat import shutdown_loader_workers, worker_error_line
+from ..config import DataSection
 from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
 from .manifest import DataError, resolve_split_once
 from .plan import EpochPlan, Piece, train_plan
-from .transforms import (AugConfig, decode, eval_decode_min_side, eval_transform, seeded, simmim_transform,
-                         train_transform)
+from .targets import Labels, Targets
+from .transforms import AugConfig, decode, eval_decode_min_side, seeded
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "png", "webp")  # the image member, first found (timm's reader: 'jpg;png;webp')
@@ -68,9 +67,8 @@ class LoaderConfig:
     pin_memory: bool = True
     return_keys: bool = False  # append the sample keys to every batch (tests, debugging)
     start_method: str = DataSection.start_method  # worker processes: auto, fork, spawn or forkserver
-    num_classes: int = 0  # the model's: a label outside [0, num_classes) stops the run naming it (0: unchecked)
     aug: AugConfig = field(default_factory=AugConfig)
-    simmim: Optional[SimMIMSection] = None  # set: SimMIM batches (images, masks); labels are not read
+    targets: Targets = field(default_factory=Labels)  # the task's: class labels, SimMIM masks (data.masks), ...
 
     @classmethod
     def from_section(cls, data: DataSection, source: str, split: str, **rest) -> "LoaderConfig":
@@ -157,20 +155,15 @@ def mp_context(method: str) -> mp.context.BaseContext:
 
 
 class ShardStream(IterableDataset):
-    """One rank's stream of batches: (uint8 images (B,3,H,W), labels (B,)) or, for eval, plus valid (B,).
-    SimMIM (cfg.simmim): masks (B, H/4, W/4) uint8 in the labels' place."""
+    """One rank's stream of batches: (uint8 images (B,3,H,W), targets) or, for eval, plus valid (B,). The
+    targets are what `cfg.targets` makes: labels (B,), or e.g. SimMIM's masks (B, H/4, W/4)."""
 
     def __init__(self, cfg: LoaderConfig, rank: int, world: int, training: bool):
         self.cfg, self.rank, self.world, self.training = cfg, rank, world, training
         split = resolve_split_once(cfg.source, cfg.split, world)
         self.shards, self.alt_label = split.shards, split.alt_label
-        if cfg.simmim is None and not split.labelled:
-            raise DataError(f"{cfg.source}: split {cfg.split!r} is unlabelled (written with make_shards --no-labels): "
-                            "classification needs labels; train it with task=simmim, or shard a labelled source")
-        if cfg.num_classes and split.num_classes and split.num_classes > cfg.num_classes:
-            raise DataError(f"{cfg.source}: its manifest says {split.num_classes} classes, more than the model's "
-                            f"{cfg.num_classes} (model.num_classes): set model.num_classes={split.num_classes}, "
-                            "or point data.train/val at shards of the model's classes")
+        self.targets = cfg.targets
+        self.targets.check(split, cfg.source, cfg.split)
         if (training or world > 1) and any(n is None for _, n in self.shards):
             raise DataError(f"{cfg.source}: {'training' if training else 'evaluation on several ranks'} needs "
                             "per-shard sample counts for equal batches on every rank: point data.source at "
@@ -183,18 +176,8 @@ class ShardStream(IterableDataset):
         # Made in the workers' own context: a lock made for fork can't be passed to spawned workers.
         ctx = mp_context(cfg.start_method)
         self._epoch, self._start, self.corrupt = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Value("q", 0)
-        aug, mim = cfg.aug, cfg.simmim
-        self.masks = None
-        if mim is not None:
-            try:
-                self.masks = MaskGenerator(aug.img_size, mim.mask_patch_size, 4, mim.mask_ratio)
-            except ValueError as e:  # its message names the key (simmim.mask_patch_size, simmim.mask_ratio)
-                raise DataError(f"simmim.{e}") from None
-            self.transform = (simmim_transform(aug, mim.crop_scale, mim.crop_ratio) if training
-                              else eval_transform(aug))
-        else:
-            self.transform = train_transform(aug) if training else eval_transform(aug)
-        self.min_side = eval_decode_min_side(aug)  # evaluation; training decodes per crop
+        self.transform = self.targets.transform(cfg.aug, training)
+        self.min_side = eval_decode_min_side(cfg.aug)  # evaluation; training decodes per crop
         self.corrupt_shards: set[str] = set()  # per worker process, for the error message
         self._plan: Optional[EpochPlan] = None  # the current epoch's, made once per process (workers: copies)
 
@@ -331,16 +314,13 @@ class ShardStream(IterableDataset):
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
                 raise KeyError(f"no image member ({', '.join(IMAGE_KEYS)}); it has {sorted(sample)}")
-            if self.masks is not None:
-                return self._decode_masked(key, data)
-            label = int(sample["cls"])
-            if self.cfg.num_classes and not 0 <= label < self.cfg.num_classes:
-                raise DataError(f"{url}: sample {key} has label {label}, outside the model's {self.cfg.num_classes} "
-                                "classes (model.num_classes): the shards are labelled for another class set; "
-                                "set model.num_classes to theirs or point data.train/val at matching shards")
+            label = int(sample["cls"]) if self.targets.labelled else None
             if self.training:  # the transform decodes only what its random crop needs
-                return seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data), label
-            return self.transform(decode(data, self.min_side)), label
+                seed = (self.cfg.seed, self.epoch)
+                image = seeded(mix_seed(*seed, key), self.transform, data)
+            else:
+                seed, image = None, self.transform(decode(data, self.min_side))
+            return image, self.targets.target(label, key, url, seed)
         except DataError:
             raise
         except Exception as e:  # corrupt image, missing member, bad label
@@ -354,17 +334,6 @@ class ShardStream(IterableDataset):
                                 f"data.max_corrupt={self.cfg.max_corrupt}); last {key}: {e}; shards: "
                                 f"{sorted(self.corrupt_shards)}") from None
             return None
-
-    def _decode_masked(self, key: str, data: bytes):
-        """SimMIM: (image, mask). Training masks are seeded by (seed, epoch, key), as the augmentation;
-        validation masks by the key alone, so every run is scored on the same masks."""
-        if self.training:
-            image = seeded(mix_seed(self.cfg.seed, self.epoch, key), self.transform, data)
-            rng = np.random.default_rng(mix_seed(self.cfg.seed, self.epoch, key, "mask"))
-        else:
-            image = self.transform(decode(data, self.min_side))
-            rng = np.random.default_rng(mix_seed("simmim-validation", key))
-        return image, torch.from_numpy(self.masks(rng))
 
     def _batches(self, role: int) -> Iterator:
         pieces, quota = self.plan()
@@ -397,8 +366,7 @@ class ShardStream(IterableDataset):
         # (B, 3, H, W) in channels-last memory: the transforms' (3, H, W) tensors are views of HWC
         # arrays, so stacking them as HWC is a plain copy (a strided one otherwise).
         images = torch.stack([im.permute(1, 2, 0) for im in imgs]).permute(0, 3, 1, 2)
-        targets = torch.stack(labels) if self.masks is not None else torch.tensor(labels, dtype=torch.long)
-        batch = (images, targets)
+        batch = (images, self.targets.collate(labels))
         if not self.training:
             batch += (torch.ones(len(labels), dtype=torch.bool),)
         return batch + (keys,) if self.cfg.return_keys else batch
@@ -512,16 +480,15 @@ class ShardLoader:
 
     def _padding_batch(self):
         s = self.cfg.aug.img_size
-        target = (torch.zeros(1, s // 4, s // 4, dtype=torch.uint8) if self.cfg.simmim is not None
-                  else torch.zeros(1, dtype=torch.long))
-        batch = (torch.zeros(1, 3, s, s, dtype=torch.uint8), target, torch.zeros(1, dtype=torch.bool))
+        batch = (torch.zeros(1, 3, s, s, dtype=torch.uint8), self.cfg.targets.padding(s),
+                 torch.zeros(1, dtype=torch.bool))
         return batch + ([""],) if self.cfg.return_keys else batch
 
     def close(self) -> None:
         """Stop the worker processes (gracefully, through the DataLoader's queues)."""
         it = getattr(self._loader, "_iterator", None) if self._loader is not None else None
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
+        if it is not None:
+            shutdown_loader_workers(it)
         self._loader = None
 
     @property
@@ -550,8 +517,8 @@ def _one_line_errors(batches, rank: int):
         yield from batches
     except DataError as e:
         msg = str(e).rstrip()
-        if "Original Traceback" in msg:
-            msg = msg.splitlines()[-1].split("DataError: ", 1)[-1]
+        if msg != worker_error_line(msg):
+            msg = worker_error_line(msg).split("DataError: ", 1)[-1]
         err = DataError(msg if msg.startswith(f"rank {rank}") else f"rank {rank}: {msg}")
         err.rank_local = True
         raise err from None

@@ -21,6 +21,8 @@ import fsspec
 import fsspec.utils
 from braceexpand import braceexpand
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST_NAMES = ("_info.json", "info.json")  # timm's reader tries them in this order
@@ -28,7 +30,7 @@ MIN_SAMPLE_BYTES = 1024  # a sample is >= 2 tar members (jpg, cls) of >= 512 hea
 Shard = tuple[str, Optional[int]]  # (url, samples in the split, or None when unknown)
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data that can't be used as configured: named shards, counts, or a refused resume."""
 
 

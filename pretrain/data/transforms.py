@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_interp_mode
 from timm.data.transforms_factory import transforms_imagenet_train
 from torchvision import transforms as T
 from torchvision.transforms.functional import pil_modes_mapping
 
+from ..compat import replace_timm_augment_ops
 from ..config import AugConfig
 from .jpeg import RoiDecoder, roi_decoder
 
@@ -39,15 +41,12 @@ def _patch_timm_posterize() -> None:
     try:
         ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
     except ValueError:
-        from timm.data import auto_augment
-        for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-            if name in auto_augment.NAME_TO_OP:
-                auto_augment.NAME_TO_OP[name] = _posterize_keep_zero_bits
+        replace_timm_augment_ops(_posterize_keep_zero_bits, ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"))
 
 
 _patch_timm_posterize()
 
-__all__ = ["AugConfig", "BatchAugment", "train_transform", "simmim_transform", "eval_transform"]
+__all__ = ["AugConfig", "BatchAugment", "train_transform", "eval_transform"]
 
 
 def decode(data: bytes, min_side: int = 0) -> Image.Image:
@@ -141,20 +140,10 @@ def train_transform(cfg: AugConfig) -> Callable[[bytes], torch.Tensor]:
     return T.Compose([crop, *rest, *secondary.transforms, to_uint8_tensor])
 
 
-def simmim_transform(cfg: AugConfig, scale: tuple[float, float], ratio: tuple[float, float]
-                     ) -> Callable[[bytes], torch.Tensor]:
-    """The official SimMIM transform: RandomResizedCrop (scale, ratio), horizontal flip, nothing else; uint8
-    out as the classification transform (normalized on the device), decoding only what the crop needs."""
-    from timm.data.transforms import RandomResizedCropAndInterpolation
-    rrc = RandomResizedCropAndInterpolation(cfg.img_size, scale=tuple(scale), ratio=tuple(ratio),
-                                            interpolation=cfg.interpolation)
-    crop = DecodeRandomResizedCrop(rrc, draft=cfg.draft_decode, roi=roi_decoder(cfg.jpeg_roi))
-    flip = [T.RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else []
-    return T.Compose([crop, *flip, to_uint8_tensor])
-
-
 def eval_transform(cfg: AugConfig) -> Callable[[Image.Image], torch.Tensor]:
-    interp = T.InterpolationMode.BICUBIC
+    """Resize (and center-crop) with aug.interpolation, as the official build_transform evaluates ('random', a
+    training-only choice, evaluates bicubic as timm's eval transform does)."""
+    interp = str_to_interp_mode("bicubic" if cfg.interpolation == "random" else cfg.interpolation)
     if cfg.eval_crop:
         size = int(cfg.img_size / cfg.crop_pct)
         return T.Compose([T.Resize(size, interpolation=interp), T.CenterCrop(cfg.img_size), to_uint8_tensor])

@@ -9,7 +9,7 @@ The encoder is our SwinTransformer (no classifier): masked patch embeddings are 
 `mask_token` before the position embedding and dropout, every stage and the final norm run, a 1x1 conv to
 stride^2*3 channels and PixelShuffle(stride) decode (stride 32 for four stages) the pixels, and the loss is L1 on the masked pixels only, divided
 by the channel count. `norm_target_patch` normalizes the targets by their local mean and variance (the
-official `norm_targets`, on in the V2 recipe). `MaskGenerator` draws the official masks.
+official `norm_targets`, on in the V2 recipe). The masks come with the data (pretrain.data.masks).
 
 State dict: `encoder.*` (our = timm's Swin layout), `mask_token` (C,), `decoder.0.*`. The official SimMIM
 layout (`encoder.*` in the official Swin layout, `encoder.mask_token` (1, 1, C)) converts with
@@ -21,7 +21,6 @@ import dataclasses
 import math
 from typing import Mapping, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,28 +30,6 @@ from . import swin
 from .swin import SwinConfig, SwinTransformer, build_config
 
 OUTPUTS = ("loss", "per_sample", "reconstruction")
-
-
-class MaskGenerator:
-    """The official `MaskGenerator`: ceil(ratio * n) of the n mask patches, chosen uniformly, each repeated to
-    the model's patch grid: (H/4, W/4) uint8. `rng` makes a mask a function of a seed (per sample)."""
-
-    def __init__(self, input_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
-                 mask_ratio: float = 0.6):
-        problem = mask_problem(input_size, mask_patch_size, model_patch_size, mask_ratio)
-        if problem:
-            raise ValueError(problem)
-        self.rand_size = input_size // mask_patch_size
-        self.scale = mask_patch_size // model_patch_size
-        self.token_count = self.rand_size ** 2
-        self.mask_count = int(np.ceil(self.token_count * mask_ratio))
-
-    def __call__(self, rng: Optional[np.random.Generator] = None) -> np.ndarray:
-        perm = (rng or np.random.default_rng()).permutation(self.token_count)
-        mask = np.zeros(self.token_count, dtype=np.uint8)
-        mask[perm[:self.mask_count]] = 1
-        mask = mask.reshape(self.rand_size, self.rand_size)
-        return mask.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
 
 
 def local_stats(x: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:

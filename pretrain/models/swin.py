@@ -19,9 +19,21 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..architecture import VARIANTS, architecture_problem
-from .layers import (DropPath, Mlp, PatchEmbed, PatchMerging, Size2, WindowAttention,
-                     WindowAttentionV2, ceil_to, permute_tokens, shifted_window_mask, to_2tuple, trunc_normal_init,
-                     window_token_order)
+from .layers import (
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    PatchMerging,
+    Size2,
+    WindowAttention,
+    WindowAttentionV2,
+    ceil_to,
+    permute_tokens,
+    shifted_window_mask,
+    to_2tuple,
+    trunc_normal_init,
+    window_token_order,
+)
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch
 
 from ..config import RunConfig
 from ..io import write_bytes_atomic
+from ..runs import read_state, write_state
 from .backend import Backend
-from .checkpointing import read_state, write_state
 from .optim import SkipNonFinite
 
 

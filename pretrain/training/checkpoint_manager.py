@@ -1,13 +1,14 @@
 """Saving and restoring a run at an update boundary, whatever the backend (torchtitan's CheckpointManager).
 
-    manager = CheckpointManager(backend, cfg, parts={"train": state, "loader": loader}, tensors={"ema": ema})
+    manager = CheckpointManager(backend, cfg.checkpoint, cfg.checkpoint_dir, cfg.to_dict(),
+                                parts={"train": state, "loader": loader}, tensors={"ema": ema})
     step = manager.load("auto")   # or a tag folder; restores every part and this rank's RNG streams
-    manager.save(step)            # every rank; the pointer moves only after all of them finished
+    manager.maybe_save(step)      # when due (checkpoint.every_steps, epoch ends); manager.save(step): now
+                                  # (every rank; the pointer moves only after all of them finished)
 
 The backend writes the model and optimizer; every other part is Stateful (state_dict / load_state_dict):
 JSON parts go into client_state.json, tensor parts into <name>.safetensors (rank 0), each rank's RNG
-streams into rng_rank{r}.pt. The file layout and the `latest_complete` pointer are pretrain.training.
-checkpointing's.
+streams into rng_rank{r}.pt. The file layout and the `latest_complete` pointer are pretrain.runs'.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from typing import Callable, Optional, Protocol
 
 import torch
 
-from ..config import RunConfig
+from .. import runs
+from ..config import CheckpointSection
 from ..io import write_bytes_atomic
-from . import checkpointing as ckpt
 from .backend import Backend
 from .faults import Faults
 
@@ -58,37 +59,47 @@ class LoaderPosition:
 
 
 class CheckpointManager:
-    def __init__(self, backend: Backend, cfg: RunConfig, parts: dict[str, Stateful],
-                 tensors: Optional[dict[str, Stateful]] = None, print0: Callable[[str], None] = print,
-                 faults: Optional[Faults] = None):
-        self.backend, self.cfg, self.parts, self.tensors = backend, cfg, parts, tensors or {}
-        self.dir, self.print0, self.faults = cfg.checkpoint_dir, print0, faults or Faults()
+    def __init__(self, backend: Backend, section: CheckpointSection, ckpt_dir: str, run_config: dict,
+                 parts: dict[str, Stateful], tensors: Optional[dict[str, Stateful]] = None,
+                 print0: Callable[[str], None] = print, faults: Optional[Faults] = None):
+        """`section`: the config's checkpoint section; `run_config`: the run's whole config, saved in each tag
+        and checked against on resume."""
+        self.backend, self.section, self.run_config = backend, section, run_config
+        self.parts, self.tensors = parts, tensors or {}
+        self.dir, self.print0, self.faults = ckpt_dir, print0, faults or Faults()
         self.rank = backend.rank
         self.saved_step = -1  # the update whose state is on disk (saved or resumed from) in this process
         self.last_save_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
+    def maybe_save(self, step: int, epoch_end: bool = False, last: bool = False) -> Optional[str]:
+        """Save after update `step` when it is due: every checkpoint.every_steps updates and at each epoch's
+        end, but not at the run's `last` update (its checkpoint follows the final evaluation: `save`)."""
+        if last or not (epoch_end or step % self.section.every_steps == 0):
+            return None
+        return self.save(step)
+
     def save(self, step: int) -> str:
         """Checkpoint update `step` on every rank; `latest_complete` moves only after all finished."""
-        tag = ckpt.tag_for(step)
+        tag = runs.tag_for(step)
         if self.saved_step == step:
             return tag  # this process already saved (or resumed from) this very state
         t0 = time.time()
         path = os.path.join(self.dir, tag)
         self._replace_stale(path, step)
         self.backend.save(self.dir, tag)
-        ckpt.save_rng(self.dir, tag, self.rank)
+        runs.save_rng(self.dir, tag, self.rank)
         if self.rank == 0:
             client = {"step": step, "world": self.backend.world,
                       **{name: part.state_dict() for name, part in self.parts.items()}}
             write_bytes_atomic(os.path.join(path, CLIENT), json.dumps(client).encode())
             for name, part in self.tensors.items():
-                ckpt.write_state(os.path.join(path, f"{name}.safetensors"), part.state_dict())
+                runs.write_state(os.path.join(path, f"{name}.safetensors"), part.state_dict())
         self.backend.barrier()
         self.faults.in_save(step)
         if self.rank == 0:
-            ckpt.mark_complete(self.dir, tag, json.dumps(self.cfg.to_dict()))
-            ckpt.prune(self.dir, self.cfg.checkpoint.keep)
+            runs.mark_complete(self.dir, tag, json.dumps(self.run_config))
+            runs.prune(self.dir, self.section.keep)
         self.backend.barrier()
         self.saved_step, self.last_save_s = step, time.time() - t0
         self.print0(f"saved checkpoint {path} ({self.last_save_s:.1f} s)")
@@ -108,26 +119,26 @@ class CheckpointManager:
     def load(self, resume: str) -> int:
         """Restore `resume` ("auto": the newest complete tag, or a tag folder) and return its update."""
         if resume == "auto":
-            ckpt_dir, tag = self.dir, ckpt.latest_or_fail(self.dir)
+            ckpt_dir, tag = self.dir, runs.latest_or_fail(self.dir)
         else:
             ckpt_dir, tag = os.path.split(os.path.abspath(resume.rstrip("/")))
-            ckpt.require_complete(ckpt_dir, tag)
+            runs.require_complete(ckpt_dir, tag)
         path = os.path.join(ckpt_dir, tag)
-        ckpt.check_files(ckpt_dir, tag)
+        runs.check_files(ckpt_dir, tag)
         with open(os.path.join(path, CLIENT)) as f:
             saved = json.load(f)
-        ckpt.check_same_architecture(self.cfg, os.path.join(path, "config.json"))
+        runs.check_same_architecture(self.run_config, os.path.join(path, runs.CONFIG))
         try:
             self.backend.load(ckpt_dir, tag, saved["world"])
         except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
-            raise ckpt.DamagedCheckpointError(f"{path}: the {self.backend.name} backend could not load it "
+            raise runs.DamagedCheckpointError(f"{path}: the {self.backend.name} backend could not load it "
                                               f"({type(e).__name__}: {str(e)[:300]}); resume from another "
                                               "complete tag") from None
         for name, part in self.parts.items():
             part.load_state_dict(saved[name] if name in saved else _flat(saved, name))
         for name, part in self.tensors.items():
-            part.load_state_dict(ckpt.read_state(os.path.join(path, f"{name}.safetensors")))
-        ckpt.load_rng(ckpt_dir, tag, self.rank)
+            part.load_state_dict(runs.read_state(os.path.join(path, f"{name}.safetensors")))
+        runs.load_rng(ckpt_dir, tag, self.rank)
         self.saved_step = saved["step"]
         self.print0(f"resumed from {path} at update {saved['step']}")
         return saved["step"]
@@ -137,4 +148,4 @@ def _flat(saved: dict, name: str) -> dict:
     """Checkpoints written before the parts had names kept the train state at the top level."""
     if name == "train":
         return {"step": saved["step"], "nonfinite_total": saved.get("nonfinite_total", 0)}
-    raise ckpt.DamagedCheckpointError(f"{CLIENT} has no {name!r} state: resume from another complete tag")
+    raise runs.DamagedCheckpointError(f"{CLIENT} has no {name!r} state: resume from another complete tag")

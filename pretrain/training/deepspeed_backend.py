@@ -10,9 +10,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ..compat import deepspeed_load_universal, deepspeed_op_compatible, deepspeed_shm_buffer
 from ..config import ConfigError, RunConfig
+from ..runs import MARKER
 from .backend import DTYPES, Backend, free_port
-from .checkpointing import MARKER
 from .optim import SkipNonFinite
 
 
@@ -69,9 +70,8 @@ def release_shm_names(rank: int, world: int, env=os.environ) -> None:
     unlinking them now frees the memory when the last process exits, however it exits."""
     if world > 1:
         dist.barrier()  # on every rank, whatever it finds below, so that no rank waits alone
-    addr, port = env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")
     try:  # absent with a GPU accelerator, ranks on several hosts, or no shm op built
-        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
+        os.unlink(deepspeed_shm_buffer(rank, env))
     except FileNotFoundError:
         pass
 
@@ -84,13 +84,12 @@ def prebuild_cpu_ops() -> Optional[str]:
     this environment: ~60 s on 2 cores, inside the first run's first update, while its peers wait. With the
     build cached a load is a no-op ninja check. Returns the build directory; None where DeepSpeed builds
     nothing (a GPU accelerator, or a CPU without the op's instructions)."""
-    import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return None
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+    if builder is None or not deepspeed_op_compatible(builder.NAME):
         return None  # what build_shm_op checks: then no run builds it either
     return os.path.dirname(builder.load(verbose=False).__file__)
 
@@ -175,5 +174,5 @@ class DeepSpeedBackend(Backend):
                             "--inject_missing_state", "--no_strict"], check=True, stdout=subprocess.DEVNULL)
             open(os.path.join(ckpt_dir, out, MARKER), "w").close()
         self.barrier()
-        self.engine._config.load_universal_checkpoint = True
+        deepspeed_load_universal(self.engine)
         return out

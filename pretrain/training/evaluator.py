@@ -16,23 +16,30 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
+from ..collective import printer
 from ..config import RunConfig
 from ..data.loader import ShardLoader
 from ..io import write_bytes_atomic
 from ..models import model_from_section
+from ..tasks import Classification, Forward, Task
 from .backend import Backend
-from .build import join, printer, val_loader
-from .task import Classification, Forward, Task
+from .data import val_loader
+from .distributed import join
 
 log = logging.getLogger("pretrain")
 
 
 class Evaluator:
     def __init__(self, backend: Backend, loader: ShardLoader, task: Task, source: str = "",
-                 print0: Callable[[str], None] = print, out_dir: str = ""):
-        """`out_dir`: where the task's pictures go (`<out_dir>/reconstructions/`); "": none are written."""
+                 print0: Callable[[str], None] = print, out_dir: str = "", every_steps: int = 0):
+        """`out_dir`: where the task's pictures go (`<out_dir>/reconstructions/`); "": none are written.
+        `every_steps` (log.eval_every_steps): evaluate every N updates; 0: at each epoch's end."""
         self.backend, self.loader, self.task, self.source, self.print0 = backend, loader, task, source, print0
-        self.out_dir = out_dir
+        self.out_dir, self.every_steps = out_dir, every_steps
+
+    def should_run(self, step: int, epoch_end: bool = False) -> bool:
+        """Is an evaluation due after update `step` (`epoch_end`: the update that ended an epoch)?"""
+        return step % self.every_steps == 0 if self.every_steps else epoch_end
 
     @torch.no_grad()
     def __call__(self, forward: Optional[Forward] = None, prefix: str = "val_") -> dict:

@@ -11,7 +11,6 @@ the CheckpointManager, the Evaluator, Preemption, StepStats/MetricsWriter.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,20 +18,22 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import runs
+from ..collective import printer
 from ..config import RunConfig
-from ..io import write_bytes_atomic
+from ..errors import UserError
 from ..seeding import mix_seed
-from . import build, checkpointing as ckpt
+from ..tasks import Task, task_class
+from . import data, distributed
 from .checkpoint_manager import CheckpointManager, LoaderPosition
 from .evaluator import Evaluator
 from .faults import Faults
 from .metrics import MetricsWriter, StepStats, forward_flops
 from .optim import WeightEma, build_optimizer, build_scheduler, nonfinite
 from .preemption import Preemption, act
-from .task import Task, task_for
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     pass
 
 
@@ -78,37 +79,46 @@ class Trainer:
                  faults: Optional[Faults] = None):
         self._t_start = time.time()
         self.cfg, self.stage, self.resume, self.faults = cfg, stage or Stage(), resume, faults or Faults()
-        self.run_lock = ckpt.RunLock(cfg.run_dir)  # first, before anything is built or written
-        self.backend = b = build.join(cfg, self.stage.name, self.stage.ema_decay, self.run_lock)
-        self.rank, self.world, self.device, self.print0 = b.rank, b.world, b.device, build.printer(b.rank)
+        self.run_lock = runs.RunLock(cfg.run_dir)  # first, before anything is built or written
+        self.train_loader = self.evaluator = self.metrics = None
+        try:
+            self._build(cfg, resume)
+        except BaseException:  # a Trainer that failed to build holds nothing: its lock, its loader workers
+            self.close()
+            raise
+
+    def _build(self, cfg: RunConfig, resume: Optional[str]) -> None:
+        self.backend = b = distributed.join(cfg, self.stage.name, self.stage.ema_decay, self.run_lock)
+        self.rank, self.world, self.device, self.print0 = b.rank, b.world, b.device, printer(b.rank)
         self.accum = cfg.accumulation(self.world)
-        build.seed_everything(cfg.seed + self.rank)
-        model = build.model_for(cfg)
+        distributed.seed_everything(cfg.seed + self.rank)
+        model = task_class(cfg.task).model_for(cfg)
         if self.stage.init_weights is not None and not resume:
             self.stage.init_weights(model)
         self.stats = StepStats(self.device, forward_flops(model, cfg.model.img_size) if self.rank == 0 else 0.0)
         self.ema = WeightEma(model, self.stage.ema_decay, self.device) if self.stage.ema_decay else None
-        self.optimizer = build_optimizer(model, cfg, self.stage.layer_decay)
+        self.optimizer = build_optimizer(model, cfg.optim, self.stage.layer_decay)
         b.prepare(model, self.optimizer, self.accum)
-        self.compiled = build.compile_model(b, cfg, self.print0)
-        self.task = (self.stage.task or task_for(cfg))(cfg, self.device)
+        self.compiled = distributed.compile_model(b, cfg, self.print0)
+        self.task = (self.stage.task or task_class(cfg.task))(cfg, self.device)
         if not resume:
-            ckpt.refuse_existing_run(cfg.run_dir, cfg.checkpoint_dir)
-        self.data = build.plan_training(cfg, b, self.accum, self.print0)
+            runs.refuse_existing_run(cfg.run_dir, cfg.checkpoint_dir)
+        self.data = data.plan_training(cfg, b, self.accum, self.print0)
         self.train_loader, self.total_updates = self.data.loader, self.data.total_updates
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.data.updates_per_epoch)
-        self.evaluator = (Evaluator(b, build.val_loader(cfg, b), self.task, cfg.data.val, self.print0, cfg.run_dir)
-                          if cfg.data.val else None)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.data.updates_per_epoch)
+        self.evaluator = (Evaluator(b, data.val_loader(cfg, b), self.task, cfg.data.val, self.print0, cfg.run_dir,
+                                    cfg.log.eval_every_steps) if cfg.data.val else None)
         self.state, self.signals, self._micro, self._grad_norm = TrainState(), Preemption(), 0, None
         self._last_eval, self._preempt_code, self.result = -1, 0, {}
         self.checkpoints = CheckpointManager(
-            b, cfg, {"train": self.state, "loader": LoaderPosition(self.train_loader, cfg.data.workers, self.print0)},
+            b, cfg.checkpoint, cfg.checkpoint_dir, cfg.to_dict(),
+            {"train": self.state, "loader": LoaderPosition(self.train_loader, cfg.data.workers, self.print0)},
             {"ema": self.ema} if self.ema else {}, self.print0, self.faults)
         if resume:
             self.checkpoints.load(resume)
         self.scheduler.step_update(self.state.step)
         self.metrics = MetricsWriter(cfg.run_dir, self.rank == 0, cfg.log.tensorboard, cfg.log.progress,
-                                     self.total_updates, self.state.step)
+                                     self.total_updates, self.state.step, cfg.log.every_steps)
 
     # ------------------------------------------------------------------------------------ one step
     def train_step(self, batch: tuple, step_seed: Optional[int] = None) -> bool:
@@ -143,27 +153,30 @@ class Trainer:
         try:
             with Preemption() as self.signals:
                 return self._fit()
-        finally:  # on every exit (done, preempted, failed): stop loader workers, which ignore SIGTERM
-            self.run_lock.release()
-            self.metrics.close()
-            for part in (self.train_loader, self.evaluator):
-                if part is not None:
-                    part.close()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """On every exit (done, preempted, failed, or failed to build): the run dir's lock, and the loader
+        workers (which ignore SIGTERM)."""
+        self.run_lock.release()
+        for part in (self.metrics, self.train_loader, self.evaluator):
+            if part is not None:
+                part.close()
 
     def _fit(self) -> dict:
         cfg, state = self.cfg, self.state
         if self.rank == 0:
             os.makedirs(cfg.run_dir, exist_ok=True)
-            write_bytes_atomic(os.path.join(cfg.run_dir, "config.json"), json.dumps(cfg.to_dict(), indent=1).encode())
+            runs.write_config(cfg.run_dir, cfg.to_dict())
         self.metrics.start(state.step if self.resume else None)
         while state.step < self.total_updates:
             epoch, finished = self._epoch()
             if not finished:
                 break  # finished mid-epoch: the loader keeps its position in the final checkpoint
-            if self.evaluator is not None and not cfg.log.eval_every_steps:
+            if self.evaluator is not None and self.evaluator.should_run(state.step, epoch_end=True):
                 self.evaluate(epoch)
-            if state.step < self.total_updates:
-                self.checkpoints.save(state.step)
+            self.checkpoints.maybe_save(state.step, epoch_end=True, last=state.step >= self.total_updates)
         if self.evaluator is not None and self._last_eval != state.step:
             self.evaluate()  # a run that stops mid-epoch still reports its final accuracy
         tag = self.checkpoints.save(state.step)
@@ -188,7 +201,7 @@ class Trainer:
         return epoch, True
 
     def _after_update(self, epoch: int) -> None:
-        step, cfg = self.state.step, self.cfg
+        step = self.state.step
         if self._t_start is not None:  # the first update of this process: how long a (re)start costs
             self.metrics.first_update(step, time.time() - self._t_start, self.compiled, self.data.epoch_share,
                                       self.print0)
@@ -197,15 +210,14 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.backend.module)
         self.faults.after_update()
-        if step % cfg.log.every_steps == 0 or step == self.total_updates:
+        if self.metrics.should_log(step):
             self._log(epoch)
-        if cfg.log.eval_every_steps and step % cfg.log.eval_every_steps == 0:
+        if self.evaluator is not None and self.evaluator.should_run(step):
             self.evaluate(epoch)
-        if step % cfg.checkpoint.every_steps == 0 and step < self.total_updates:
-            self.checkpoints.save(step)
+        self.checkpoints.maybe_save(step, last=step >= self.total_updates)
         if self._preempt_code:  # every rank agreed on it at this update's sync
             act(self._preempt_code, step, lambda: self.checkpoints.save(step), self.checkpoints.last_save_s,
-                cfg.checkpoint.term_save_budget_s, self.rank, self.print0)
+                self.checkpoints.section.term_save_budget_s, self.rank, self.print0)
 
     def evaluate(self, epoch: Optional[int] = None) -> dict:
         """The task's metrics on the validation split (and of the EMA weights, if any)."""

@@ -1,4 +1,4 @@
-"""What a run reports: top-k accuracy, FLOPs and MFU, and the records written to metrics.jsonl,
+"""What a run reports: FLOPs and MFU, and the records written to metrics.jsonl,
 TensorBoard and the progress bar (rank 0 only)."""
 from __future__ import annotations
 
@@ -10,26 +10,12 @@ import time
 from typing import Optional
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..compat import dispatch_mode
 from ..io import write_bytes_atomic
 
 log = logging.getLogger("pretrain")
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "L40S": 362.0}  # bf16 dense
-
-
-def topk_counts(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """[top-1 hits, top-5 hits, samples] over the valid entries of a batch (float64, for all-reduce)."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hit = top.eq(labels.view(-1, 1))
-    return torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), valid.sum()]).double()
-
-
-def topk_metrics(sums: torch.Tensor, prefix: str = "") -> dict:
-    """Summed `topk_counts` (all ranks) -> top-1 / top-5 in percent and the sample count."""
-    n = max(sums[2].item(), 1.0)
-    return {f"{prefix}top1": 100 * sums[0].item() / n, f"{prefix}top5": 100 * sums[1].item() / n,
-            f"{prefix}samples": int(sums[2].item())}
 
 
 def forward_flops(model: torch.nn.Module, img_size: int) -> float:
@@ -52,7 +38,7 @@ def forward_flops(model: torch.nn.Module, img_size: int) -> float:
     return float(counter.get_total_flops())
 
 
-class OpCounter(TorchDispatchMode):
+class OpCounter(dispatch_mode()):
     """Counts the aten ops that reach the dispatcher inside `with OpCounter() as c:` (c.ops: name -> count;
     a foreach or fused op over N tensors counts once): what an optimizer update launches, per kind."""
 
@@ -92,11 +78,16 @@ def keep_history_until(path: str, step: int) -> int:
 class MetricsWriter:
     """metrics.jsonl (+ TensorBoard, + a progress bar) on rank 0; every other rank writes nothing."""
 
-    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int):
-        self.enabled, self.run_dir = enabled, run_dir
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int,
+                 every_steps: int = 1):
+        self.enabled, self.run_dir, self.every_steps = enabled, run_dir, every_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = self._tb = self._bar = None
         self._tensorboard, self._progress, self._total, self._initial = tensorboard, progress, total, initial
+
+    def should_log(self, step: int) -> bool:
+        """Is update `step` one to log (every `every_steps`, log.every_steps, and the last)?"""
+        return step % self.every_steps == 0 or step == self._total
 
     def start(self, resumed_step: Optional[int]) -> None:
         """Open the history: continued after `resumed_step`, or new for a fresh run (None)."""

@@ -6,12 +6,12 @@ import copy
 from typing import Callable
 
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
-from ..config import AugConfig, RunConfig
+from ..compat import foreach_lerp_
+from ..config import OptimSection
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
@@ -25,11 +25,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig, layer_decay: float):
+def build_optimizer(model: torch.nn.Module, o: OptimSection, layer_decay: float):
     """torch's fused AdamW (CUDA and CPU): a handful of kernels per update whatever the number of parameter
     tensors, and it can skip an update on the device (`found_inf`, see SkipNonFinite)."""
-    o = cfg.optim
-    return torch.optim.AdamW(param_groups(model, o.weight_decay, layer_decay), lr=cfg.lr, betas=tuple(o.betas),
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, layer_decay), lr=o.lr, betas=tuple(o.betas),
                              eps=o.eps, fused=True)
 
 
@@ -69,11 +68,10 @@ class SkipNonFinite:
             del optimizer.found_inf
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_per_epoch: int) -> Scheduler:
+def build_scheduler(optimizer: torch.optim.Optimizer, o: OptimSection, updates_per_epoch: int) -> Scheduler:
     """Linear warm-up from warmup_lr, then cosine to min_lr (or, `multistep`, x decay_rate at each of
     decay_epochs: SimMIM's pretraining), stepped per update; the lrs scaled by global_batch / lr_scale_batch
     (official recipe)."""
-    o = cfg.optim
     warmup = int(o.warmup_epochs * updates_per_epoch)
     scale = o.global_batch / o.lr_scale_batch
     if o.schedule == "multistep":
@@ -85,13 +83,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, updates_pe
     return CosineLRScheduler(optimizer, t_initial=max(1, o.epochs * updates_per_epoch - warmup),
                              lr_min=o.min_lr * scale, warmup_lr_init=o.warmup_lr * scale, warmup_t=warmup,
                              warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
-
-
-def build_criterion(aug: AugConfig) -> torch.nn.Module:
-    """Soft-target cross-entropy when Mixup/CutMix make the targets (smoothing is in them), else smoothed CE."""
-    if aug.mixup > 0 or aug.cutmix > 0:
-        return SoftTargetCrossEntropy()
-    return LabelSmoothingCrossEntropy(aug.label_smoothing)
 
 
 class WeightEma:
@@ -113,7 +104,7 @@ class WeightEma:
                 src.append(m.detach().float())
             else:
                 e.copy_(m)
-        torch._foreach_lerp_(ema, src, 1.0 - self.decay)
+        foreach_lerp_(ema, src, 1.0 - self.decay)
 
     def forward_in(self, autocast: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
         """The EMA weights' forward in the run's precision (`autocast`: the backend's), float32 out."""

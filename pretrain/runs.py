@@ -1,6 +1,8 @@
-"""Training checkpoints, whatever the backend: our own `latest` pointer, written last, and retention.
+"""A run on disk, whatever the backend wrote: the one module that names its files. Training writes through it;
+weights, export and fine-tuning read through it (it imports nothing of training, models or weights).
 
-Layout of `<checkpoint dir>`:
+Layout of `<run dir>`: config.json (the run's whole config, `write_config`), metrics.jsonl, tb/, .run.lock
+(`RunLock`), and `<checkpoint dir>` (checkpoint.dir, default `<run dir>/checkpoints`):
     step00001000/            the backend's files for that tag (DeepSpeed's, or model.safetensors +
                              optimizer.pt) + rng_rank{r}.pt + client_state.json + config.json + COMPLETE
     latest_complete          the tag of the newest checkpoint every rank finished writing
@@ -18,13 +20,15 @@ import os
 import random
 import re
 import shutil
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from ..config import ConfigError
-from ..io import write_bytes_atomic, write_safetensors
+from .config import ConfigError, ModelSection, from_dict
+from .errors import UserError
+from .io import write_bytes_atomic, write_safetensors
 
 POINTER = "latest_complete"
 MARKER = "COMPLETE"
@@ -76,12 +80,66 @@ def load_rng(ckpt_dir: str, tag: str, rank: int) -> bool:
     return True
 
 
+CONFIG = "config.json"
+
+
+def write_config(folder: str, config: dict | str) -> str:
+    """A run's (or a tag's) config.json, written atomically: the one writer of the file `read_config` reads."""
+    text = config if isinstance(config, str) else json.dumps(config, indent=1)
+    path = os.path.join(folder, CONFIG)
+    write_bytes_atomic(path, text.encode())
+    return path
+
+
+@dataclass
+class SavedConfig:
+    """A saved config.json, read once: what every reader of a run needs from it."""
+    path: str
+    model: Optional[ModelSection]  # None only where read with require_model=False
+    task: str = "classification"
+    task_settings: dict[str, Any] = field(default_factory=dict)  # the section named after the task, if any
+    checkpoint_dir: Optional[str] = None  # where that run kept its checkpoints
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def read_config(path: str, warn: Callable[[str], None] = print, require_model: bool = True) -> SavedConfig:
+    """`path`: a config.json, or the folder (run dir or tag) holding one. Model keys this version does not
+    know (a newer or older run) are left out with a warning naming them, so such a run still exports.
+    `require_model=False`: a config without a model section reads too (model None), for its other keys."""
+    if not path.endswith(".json"):
+        path = os.path.join(path, CONFIG)
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DamagedCheckpointError(f"{path} can't be read ({e}): the checkpoint's config is damaged") from None
+    if not isinstance(raw, dict):
+        raise DamagedCheckpointError(f"{path} is not a JSON object: it was not written by this project")
+    model = raw.get("model")
+    if not isinstance(model, dict) and require_model:
+        raise DamagedCheckpointError(f"{path} has no model section: it was not written by this project")
+    section = None
+    if isinstance(model, dict):
+        known = {f.name for f in dataclasses.fields(ModelSection)}
+        extra = sorted(set(model) - known)
+        if extra:
+            warn(f"warning: {path}: ignoring model key(s) this version does not know: "
+                 f"{', '.join('model.' + k for k in extra)}")
+        section = from_dict(ModelSection, {k: v for k, v in model.items() if k in known}, "model.")
+    task = raw.get("task") or "classification"
+    settings = raw.get(task)
+    ckpt = raw.get("checkpoint") if isinstance(raw.get("checkpoint"), dict) else {}
+    return SavedConfig(path, section, task, settings if isinstance(settings, dict) else {},
+                       ckpt.get("dir") or os.path.join(raw.get("run_dir") or os.path.dirname(path), "checkpoints"),
+                       raw)
+
+
 def mark_complete(ckpt_dir: str, tag: str, config_json: str) -> None:
     """Rank 0, after every rank finished writing `tag`: config, marker, then the pointer (last). The marker
     lists every file of the tag with its size (every rank's: the checkpoint dir is shared), so a resume can
     tell a tag that lost or truncated one rank's file from a whole one."""
     path = os.path.join(ckpt_dir, tag)
-    write_bytes_atomic(os.path.join(path, "config.json"), config_json.encode())
+    write_config(path, config_json)
     files = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
              for d, _, names in os.walk(path) for f in names if not f.startswith(".")}
     write_bytes_atomic(os.path.join(path, MARKER), json.dumps({"files": files}, sort_keys=True).encode())
@@ -104,7 +162,7 @@ def check_files(ckpt_dir: str, tag: str) -> None:
                 f"({', '.join(t for t in complete_tags(ckpt_dir) if t != tag)[-200:] or 'none left'})")
 
 
-class DamagedCheckpointError(RuntimeError):
+class DamagedCheckpointError(UserError, RuntimeError):
     """A complete checkpoint that lost or truncated one of its files since it was written."""
 
 
@@ -137,7 +195,7 @@ def prune(ckpt_dir: str, keep: int) -> list[str]:
     return removed
 
 
-class RunExistsError(ValueError):
+class RunExistsError(UserError, ValueError):
     """A fresh run was started where a run already has checkpoints."""
 
 
@@ -145,14 +203,11 @@ def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
     """A fresh start must not write into another run's files: its checkpoints (their tags would collide),
     nor, when that run kept its checkpoints elsewhere (checkpoint.dir), its metrics.jsonl and config.json."""
     dirs = [ckpt_dir]
-    saved = os.path.join(run_dir, "config.json")
+    saved = os.path.join(run_dir, CONFIG)
     if os.path.exists(saved):
         try:
-            with open(saved) as f:
-                prev = json.load(f)
-            dirs.append(prev.get("checkpoint", {}).get("dir") or os.path.join(prev.get("run_dir", run_dir),
-                                                                                "checkpoints"))
-        except (OSError, ValueError, AttributeError):
+            dirs.append(read_config(saved, warn=lambda _: None, require_model=False).checkpoint_dir)
+        except (DamagedCheckpointError, ConfigError):
             pass  # unreadable: the checkpoint dir check below still holds
     for d in dict.fromkeys(dirs):
         tag = latest_tag(d) if os.path.isdir(d) else None
@@ -163,7 +218,7 @@ def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
                 f"{d} and {run_dir} to start over")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another live process holds the run dir."""
 
 
@@ -226,56 +281,25 @@ ARCHITECTURE_KEYS = ("variant", "img_size", "window_size", "num_classes", "embed
                      "ape", "pretrained_window_sizes")
 
 
-def check_same_architecture(cfg, saved_config: str) -> None:
+def check_same_architecture(config: dict, saved_config: str) -> None:
     """A resume continues the saved run: its model must be the same shape (the state dict would not fit, in
-    30 lines of mismatches); name what changed instead. `cfg`: the RunConfig resuming."""
+    30 lines of mismatches); name what changed instead. `config`: the resuming run's config (as saved)."""
     if not os.path.exists(saved_config):
         return
-    with open(saved_config) as f:
-        whole = json.load(f)
-    if whole.get("task", "classification") != cfg.task:
+    saved = read_config(saved_config, warn=lambda _: None)
+    task = config.get("task") or "classification"
+    if saved.task != task:
         raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the run was saved with task "
-                          f"{whole.get('task', 'classification')!r}, this config says task={cfg.task!r}: resume with "
-                          "the saved task; to fine-tune a SimMIM run, export it (python -m pretrain.release) and "
-                          "give it to finetune/run.py --pretrained")
-    saved = whole.get("model", {})
-    now = cfg.to_dict()["model"]
-    changed = {k: (saved.get(k), now.get(k)) for k in ARCHITECTURE_KEYS if k in saved and saved[k] != now[k]}
+                          f"{saved.task!r}, this config says task={task!r}: resume with the saved task; to "
+                          "fine-tune a run of another task, export it (python -m pretrain.release) and give it to "
+                          "finetune/run.py --pretrained")
+    was, now = saved.raw.get("model", {}), config["model"]
+    changed = {k: (was.get(k), now.get(k)) for k in ARCHITECTURE_KEYS if k in was and was[k] != now[k]}
     if changed:
         shown = ", ".join(f"model.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
         raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the architecture changed since it was saved "
                           f"({shown}); resume with the saved values, or start a new run (fine-tuning moves "
                           "weights to a new size: finetune/run.py --pretrained)")
-
-
-def saved_model_section(ckpt_dir: str, tag: str, warn: Callable[[str], None] = print):
-    """The model section a checkpoint was written with (its config.json), the one part of a run's config
-    that export, fine-tuning and the architecture check read. Keys this version does not know (a newer or
-    older run) are left out with a warning naming them, so such a run still exports."""
-    from ..config import ModelSection, from_dict
-    path = os.path.join(ckpt_dir, tag, "config.json")
-    try:
-        with open(path) as f:
-            model = json.load(f).get("model")
-    except (OSError, ValueError) as e:
-        raise DamagedCheckpointError(f"{path} can't be read ({e}): the checkpoint's config is damaged") from None
-    if not isinstance(model, dict):
-        raise DamagedCheckpointError(f"{path} has no model section: it was not written by this project")
-    known = {f.name for f in dataclasses.fields(ModelSection)}
-    extra = sorted(set(model) - known)
-    if extra:
-        warn(f"warning: {path}: ignoring model key(s) this version does not know: "
-             f"{', '.join('model.' + k for k in extra)}")
-    return from_dict(ModelSection, {k: v for k, v in model.items() if k in known}, "model.")
-
-
-def saved_simmim(ckpt_dir: str, tag: str) -> Optional[int]:
-    """For a SimMIM run's checkpoint, its norm_target_patch (0: off); None for any other task."""
-    with open(os.path.join(ckpt_dir, tag, "config.json")) as f:
-        saved = json.load(f)
-    if saved.get("task", "classification") != "simmim":
-        return None
-    return int((saved.get("simmim") or {}).get("norm_target_patch", 0) or 0)
 
 
 def write_state(path: str, state: dict[str, torch.Tensor]) -> None:
@@ -324,7 +348,7 @@ def require_complete(ckpt_dir: str, tag: str) -> None:
     raise IncompleteCheckpointError(f"{path} {why}: it can't be loaded{offer}")
 
 
-class IncompleteCheckpointError(FileNotFoundError):
+class IncompleteCheckpointError(UserError, FileNotFoundError):
     """A checkpoint asked for by name that is missing or was never marked complete."""
 
 

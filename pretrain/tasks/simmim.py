@@ -1,74 +1,17 @@
-"""The objective, as a seam of the loop: what a batch means, its loss, and what evaluation reports.
-
-A task turns a loader batch into a loss (training) and into summable counts (evaluation, all-reduced over
-ranks, then turned into metrics). The loop knows nothing else of it, so a new objective (masked image
-modelling) is a new task, not a new loop.
-"""
+"""SimMIM (task simmim): masked image modelling on the Swin encoder; its settings are the config's `simmim`
+section, its per-sample transform and masks pretrain.data.masks, its model pretrain.models.simmim."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import ModelSection, RunConfig
+from ..data.masks import Masks
 from ..data.transforms import BatchAugment
-from ..models.simmim import local_stats
-from .metrics import topk_counts, topk_metrics
-from .optim import build_criterion
-
-Forward = Callable[..., torch.Tensor]  # the model's forward through the backend: (x, *rest) -> output
-
-
-class Task:
-    name = ""
-
-    def train_loss(self, forward: Forward, batch: tuple, step_seed: Optional[int]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def eval_counts(self, forward: Forward, batch: tuple) -> torch.Tensor:
-        """Counts to sum over every batch and rank (float64)."""
-        raise NotImplementedError
-
-    def eval_metrics(self, sums: torch.Tensor, prefix: str) -> dict:
-        raise NotImplementedError
-
-    def describe(self, metrics: dict, prefix: str) -> str:
-        raise NotImplementedError
-
-    def picture(self, forward: Forward) -> Optional[np.ndarray]:
-        """After an evaluation, on every rank (the forward may be collective): an (H, W, 3) uint8 image of what
-        the model does on a few validation images, or None."""
-        return None
-
-
-class Classification(Task):
-    """Supervised classification: on-device augmentation (erasing, Mixup/CutMix seeded per micro-batch),
-    smoothed or soft-target cross-entropy; evaluation reports top-1/top-5 over the valid samples."""
-
-    name = "classification"
-
-    def __init__(self, cfg: RunConfig, device: torch.device, training: bool = True):
-        n = cfg.model.num_classes
-        self.augment = BatchAugment(cfg.aug, n, device, training=True) if training else None
-        self.eval_augment = BatchAugment(cfg.aug, n, device, training=False)
-        self.criterion = build_criterion(cfg.aug) if training else None
-        self.device = device
-
-    def train_loss(self, forward: Forward, batch: tuple, step_seed: Optional[int]) -> torch.Tensor:
-        x, y = self.augment(batch[0], batch[1], step_seed=step_seed)
-        return self.criterion(forward(x), y)
-
-    def eval_counts(self, forward: Forward, batch: tuple) -> torch.Tensor:
-        images, labels, valid = batch
-        x, y = self.eval_augment(images, labels)
-        return topk_counts(forward(x), y, valid.to(self.device))
-
-    def eval_metrics(self, sums: torch.Tensor, prefix: str) -> dict:
-        return topk_metrics(sums, prefix=prefix)
-
-    def describe(self, metrics: dict, prefix: str) -> str:
-        return f"top-1 {metrics[prefix + 'top1']:.2f}%  top-5 {metrics[prefix + 'top5']:.2f}%"
+from ..models.simmim import local_stats, simmim_from_section
+from .base import Forward, Task
 
 
 class MaskedImageModeling(Task):
@@ -78,7 +21,20 @@ class MaskedImageModeling(Task):
     masked squares, over the visible input)."""
 
     name = "simmim"
+    export_layouts = ("ours", "official", "encoder")  # encoder: the backbone alone, timm's layout
     SHOWN = 4  # validation images in the picture
+
+    @classmethod
+    def build_model(cls, model: ModelSection, settings: Mapping[str, Any]) -> torch.nn.Module:
+        return simmim_from_section(model, int(settings.get("norm_target_patch") or 0))
+
+    @classmethod
+    def targets(cls, cfg: RunConfig) -> Masks:
+        return Masks(cfg.simmim, cfg.model.img_size)
+
+    @classmethod
+    def export_name(cls, model: torch.nn.Module) -> str:
+        return "simmim"
 
     def __init__(self, cfg: RunConfig, device: torch.device, training: bool = True):
         self.normalize = BatchAugment(cfg.aug, 0, device, training=False)
@@ -126,9 +82,3 @@ class MaskedImageModeling(Task):
         return (grid.permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-TASKS = {"classification": Classification, "simmim": MaskedImageModeling}
-
-
-def task_for(cfg: RunConfig) -> Callable[..., Task]:
-    """The task a config names (`task`)."""
-    return TASKS[cfg.task]

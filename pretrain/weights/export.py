@@ -1,0 +1,136 @@
+"""Writing weights: one model in a layout (ours, timm, official; a SimMIM model: ours, official, encoder),
+converting a checkpoint between layouts and sizes, and exporting a run's checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+
+from .. import runs
+from ..errors import CheckpointError
+from ..io import write_bytes_atomic, write_safetensors
+from ..models.simmim import SimMIM
+from ..models.simmim import to_official as simmim_to_official
+from ..models.swin import SwinTransformer, to_official
+from .load import LoadReport, load_pretrained
+from .read import OURS_FORMAT, Source, config_from_checkpoint, pretrained_windows_of
+
+LAYOUTS = ("ours", "timm", "official")
+
+
+SIMMIM_LAYOUTS = ("ours", "official", "encoder")  # a SimMIM model's
+
+
+def model_layouts(model: Union[SwinTransformer, SimMIM]) -> tuple[str, ...]:
+    """The layouts a model exports to."""
+    return SIMMIM_LAYOUTS if isinstance(model, SimMIM) else LAYOUTS
+
+
+def _to_cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours") -> str:
+    """Write the model's weights to `path` (local or fsspec URL) in `layout`, atomically.
+
+    `.safetensors` paths get safetensors; anything else a torch.save file (`{'model': sd}` for the
+    official layout, as the release). The timm layout loads with
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`.
+    A SimMIM model exports as "ours" (with its settings), "official" (the official SimMIM state dict) or
+    "encoder" (the encoder alone in timm's layout: a backbone for fine-tuning or timm).
+    """
+    if isinstance(model, SimMIM):
+        return _export_simmim(model, path, layout)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "timm" and model.absolute_pos_embed is not None:
+        raise CheckpointError("timm's Swin has no absolute position embedding (ape=True): "
+                              "export with layout='official' or 'ours'")
+    try:
+        sd = _to_cpu(to_official(model) if layout == "official" else model.state_dict())
+    except ValueError as e:  # what the official layout can't hold (a non-square window)
+        raise CheckpointError(str(e)) from None
+    return _write(path, sd, layout, model.cfg.to_dict())
+
+
+def _export_simmim(model: SimMIM, path: str, layout: str) -> str:
+    if layout not in SIMMIM_LAYOUTS:
+        raise ValueError(f"a SimMIM model exports as one of {SIMMIM_LAYOUTS}, got {layout!r}")
+    if layout == "encoder":
+        return export(model.encoder, path, "timm")
+    try:
+        sd = _to_cpu(simmim_to_official(model) if layout == "official" else model.state_dict())
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return _write(path, sd, layout, model.config_dict())
+
+
+def _write(path: str, sd: dict, layout: str, config: dict) -> str:
+    as_safetensors = str(path).endswith(".safetensors")
+    if layout == "ours":
+        meta = {"format": OURS_FORMAT, "config": json.dumps(config)}
+        obj: dict = {"model": sd, **meta}
+    else:
+        meta = {"format": "pt"}
+        obj = {"model": sd} if layout == "official" else sd
+    if as_safetensors:
+        write_safetensors(str(path), sd, meta)
+    else:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        write_bytes_atomic(str(path), buf.getvalue())
+    return str(path)
+
+
+def export_layouts(model: Union[SwinTransformer, SimMIM], stem: str, layouts: Optional[tuple[str, ...]] = None
+                   ) -> list[str]:
+    """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape)."""
+    layouts = layouts or model_layouts(model)
+    ape = (model.encoder if isinstance(model, SimMIM) else model).cfg.ape
+    return [export(model, f"{stem}.{layout}.safetensors", layout=layout) for layout in layouts
+            if not (layout in ("timm", "encoder") and ape)]
+
+
+def convert_checkpoint(src: Source, dst: str, layout: str, *, img_size=None, window_size: Optional[int] = None,
+                       num_classes: Optional[int] = None, pretrained_window_sizes: Optional[Sequence[int]] = None,
+                       reset_head: bool = False, allow_pickle: bool = False) -> tuple[SwinTransformer, LoadReport]:
+    """Any layout of a Swin or Swin V2 checkpoint -> `dst` in `layout`, optionally at a new size, window or
+    class count (V1 bias tables resized; V2 keeps its CPB MLP, with the checkpoint's pretrained windows)."""
+    cfg = config_from_checkpoint(src, allow_pickle=allow_pickle, window_size=window_size)
+    changes: dict[str, Any] = {}
+    if cfg.version == 2:
+        windows = pretrained_window_sizes or pretrained_windows_of(src, allow_pickle=allow_pickle)
+        if windows:
+            changes["pretrained_window_sizes"] = tuple(windows)
+    if img_size:
+        changes["img_size"] = tuple(img_size) if len(img_size) == 2 else img_size[0]
+    if window_size:
+        changes["window_size"] = window_size
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    model = SwinTransformer(dataclasses.replace(cfg, **changes))
+    report = load_pretrained(model, src, reset_head=reset_head, allow_pickle=allow_pickle)
+    export(model, dst, layout=layout)
+    return model, report
+
+
+def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = None,
+               layouts: Optional[tuple[str, ...]] = None, warn=print) -> list[str]:
+    """Consolidated fp32 weights of one of our run checkpoints (newest complete, or `tag`) in each layout
+    (default: all the model has; a SimMIM run: ours, official, encoder). The model is the saved task's.
+    Only the checkpoint's model section is read: a run with keys this version does not know still exports."""
+    from ..tasks import task_class  # imported on use: the tasks bring the data transforms (timm, torchvision)
+    ckpt_dir, tag = runs.resolve_tag(path, tag)
+    saved = runs.read_config(os.path.join(ckpt_dir, tag), warn=warn)
+    task = task_class(saved.task)
+    model = task.build_model(saved.model, saved.task_settings)
+    model.load_state_dict(runs.load_run_weights(ckpt_dir, tag), strict=True)
+    out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
+    c = model.cfg
+    stem = f"{saved.model.variant}_{c.img_size[0]}_w{c.window_size}_{task.export_name(model)}_{tag}"
+    layouts = tuple(x for x in layouts if x in task.export_layouts) if layouts is not None else ()
+    return export_layouts(model, os.path.join(out_dir, stem), layouts or task.export_layouts)

@@ -1,0 +1,170 @@
+"""Reading a checkpoint in any of its formats (safetensors, torch.save; path, fsspec URL or state dict) and
+telling its layout: official, timm or ours, a Swin or a SimMIM one."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from typing import Any, Mapping, Optional, Union
+
+import safetensors.torch
+import torch
+
+from ..errors import CheckpointError
+from ..io import read_bytes
+from ..models.shapes import family, infer_config, trained_windows
+from ..models.simmim import is_simmim_state, split_state
+from ..models.swin import BUFFER_SUFFIXES, SwinConfig, from_official
+
+OURS_FORMAT = "swin-pretrain/1"
+
+
+Source = Union[str, "os.PathLike[str]", Mapping]
+
+
+def _is_safetensors(data: bytes) -> bool:
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 0 < n <= len(data) - 8 and data[8:9] == b"{"
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
+
+
+def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Return (state dict, metadata) from a path, an fsspec URL or an in-memory state dict.
+
+    `.pth`/`.bin` files load with `torch.load(weights_only=True)`; `allow_pickle=True` lifts that for
+    files you trust (arbitrary code can run while unpickling).
+    """
+    name = "<state dict>" if isinstance(source, Mapping) else str(source)
+    meta: dict[str, Any] = {}
+    if isinstance(source, Mapping):
+        obj: Any = source
+    else:
+        try:
+            data = read_bytes(name)
+        except ImportError as e:  # fsspec's protocol needs a package that is not installed
+            raise CheckpointError(f"{name}: reading {name.split('://')[0]}:// URLs needs the package "
+                                  f"{e.name or e}: pip install 'fsspec[{name.split('://')[0].rstrip('s')}]'") from None
+        if _is_safetensors(data):
+            try:
+                obj = safetensors.torch.load(data)
+                meta = _safetensors_metadata(data)
+            except Exception as e:
+                raise CheckpointError(f"{name}: unreadable safetensors file ({e}); it may be truncated") from None
+        else:
+            try:
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not allow_pickle)
+            except pickle.UnpicklingError as e:
+                # Only a refused class or function (a GLOBAL) is a readable file that needs trust; random or
+                # truncated bytes fail the same way and must not steer anyone to unpickling them.
+                if allow_pickle or "Unsupported global" not in str(e):
+                    raise CheckpointError(
+                        f"{name}: not a readable checkpoint (neither safetensors nor a torch.save file: "
+                        f"{_reason(e)}); it may be truncated or corrupt, download or copy it again") from None
+                raise CheckpointError(
+                    f"{name}: holds objects other than tensors and plain containers, refused by "
+                    f"torch.load(weights_only=True) ({_reason(e)}). If you trust the file, "
+                    "pass allow_pickle=True (--allow-pickle), or convert it to safetensors") from None
+            except Exception as e:
+                raise CheckpointError(
+                    f"{name}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                    "the file may be truncated or corrupt, download or copy it again") from None
+    if isinstance(obj, Mapping):
+        for k in ("format", "config"):
+            if isinstance(obj.get(k), (str, dict)):
+                meta.setdefault(k, obj[k])
+        for key in ("model", "state_dict", "module", "model_ema"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{name}: expected a state dict, found {type(obj).__name__}")
+    sd = {}
+    for k, v in obj.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        k = k[len("module."):] if k.startswith("module.") else k
+        sd[k.replace(".rpe_mlp.", ".cpb_mlp.")] = v  # the V2 CPB MLP's older name, read as the official loaders do
+    if not any(".blocks." in k for k in sd):
+        raise CheckpointError(f"{name}: no 'layers.*.blocks.*' keys: not a Swin checkpoint "
+                              f"(first keys: {list(sd)[:5]})")
+    return sd, _our_config(meta, name)
+
+
+def _reason(e: Exception) -> str:
+    """The line of torch's long weights_only message that says what was refused."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return next((x for x in lines if "Unsupported" in x), lines[0])[:200]
+
+
+def _our_config(meta: dict, name: str) -> dict:
+    """Keep `config` only where it is ours (format swin-pretrain/*, a JSON SwinConfig); other tools'
+    metadata (the official code stores its yacs config, others free text) never breaks loading."""
+    cfg = meta.get("config")
+    if cfg is None:
+        return meta
+    if meta.get("format") != OURS_FORMAT:
+        return {k: v for k, v in meta.items() if k != "config"}
+    out = dict(meta)
+    if isinstance(cfg, str):
+        try:
+            cfg = json.loads(cfg)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{name}: its '{OURS_FORMAT}' config metadata is not valid JSON ({e}); the "
+                                  "file is damaged: export it again") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{name}: its '{OURS_FORMAT}' config metadata is not an object")
+    cfg = dict(cfg)
+    if "simmim" in cfg:  # a SimMIM model's settings beside its encoder's SwinConfig
+        out["simmim"] = cfg.pop("simmim")
+    return {**out, "config": cfg}
+
+
+def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
+    if (meta or {}).get("format") == OURS_FORMAT:
+        return "ours"
+    if ("layers.0.downsample.reduction.weight" in sd or "head.weight" in sd
+            or any(k.endswith(BUFFER_SUFFIXES) for k in sd)):
+        return "official"
+    return "timm"
+
+
+def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
+                           window_size: Optional[int] = None) -> SwinConfig:
+    """The architecture stored in (ours) or read off (official, timm) a checkpoint; `window_size` for a
+    V2 checkpoint in timm's layout, which does not store it."""
+    sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    if "config" in meta:  # ours: read_checkpoint keeps only our own, parsed
+        return SwinConfig(**meta["config"])
+    if is_simmim_state(sd):  # a SimMIM checkpoint: its encoder's architecture
+        sd = split_state(sd)[0]
+    raw = sd
+    if detect_layout(sd, meta) == "official":
+        sd = from_official(sd)
+    cfg = infer_config(sd, windows_from=raw)
+    cfg["window_size"] = cfg["window_size"] or window_size
+    if cfg["window_size"] is None:
+        raise CheckpointError(f"{source}: a Swin V2 checkpoint in timm's layout stores no window size (timm "
+                              "does not save the relative_coords_table buffers): give it (--window-size, and "
+                              "--pretrained-window-sizes for a model fine-tuned from another window)")
+    try:
+        return SwinConfig(**cfg)
+    except ValueError as e:  # read off damaged tensors: no architecture fits them
+        raise CheckpointError(f"{source}: the architecture read off its tensors does not fit together ({e}); "
+                              "a tensor is damaged or from another model: fix or re-export the checkpoint") from None
+
+
+def pretrained_windows_of(source: Source, *, allow_pickle: bool = False) -> Optional[tuple[int, ...]]:
+    """For a Swin V2 checkpoint: per stage, the window its position bias was trained at (what a model
+    fine-tuned from it should pass as `pretrained_window_sizes`), from our metadata or the official
+    `relative_coords_table` buffers; None where the file doesn't say (timm's layout) or for V1."""
+    sd, meta = read_checkpoint(source, allow_pickle=allow_pickle)
+    if is_simmim_state(sd):
+        sd = split_state(sd)[0]
+    return trained_windows(sd, meta) if family(sd) == 2 else None
