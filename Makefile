@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test]"  # test: pytest, and the tensorboard and demo extras
 	@# On a CPU-only machine DeepSpeed compiles its shm all-reduce in the first run's first update (~60 s on
 	@# 2 cores); compile it now, into torch's extension cache. Nothing to do with a GPU.
 	$(PY) -c "from pretrain.training.deepspeed_backend import prebuild_cpu_ops as p; print('DeepSpeed CPU op:', p() or 'none needed')"

@@ -49,7 +49,7 @@ def part(i):  # 300 photos in 10 classes per process, then merged into /tmp/phot
 with Pool(16) as p:
     p.map(part, range(16))
 EOF
-python3 -m pretrain.make_shards write /tmp/photos /tmp/shards --workers 16 --samples-per-shard 500 --no-progress >> "$OUT/data.log" 2>&1
+python3 -m pretrain.cli.make_shards write /tmp/photos /tmp/shards --workers 16 --samples-per-shard 500 --no-progress >> "$OUT/data.log" 2>&1
 INFO=$(ls /tmp/shards/_info.json)
 timeout 480 deepspeed --num_gpus 1 benchmarks/engine_step.py speed --shards "$INFO" --variant swin_base --img 224 \
   --window 7 --classes 21841 --micro 128 --compile true --workers 14 --timm --steps 12 --warmup 3 --rounds 2 \

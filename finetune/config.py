@@ -30,7 +30,7 @@ class FinetuneConfig(RunConfig):
     def checks(self) -> list[tuple[bool, str]]:
         f = self.finetune
         task = (self.task == "classification", f"task={self.task!r}: fine-tuning trains a classifier (task "
-                "classification); SimMIM is a pretraining task (python -m pretrain.train with task=simmim), whose "
+                "classification); SimMIM is a pretraining task (python -m pretrain.cli.train with task=simmim), whose "
                 "run fine-tunes from --pretrained")
         return [task] + super().checks() + [
             in_range(f.layer_decay, "finetune.layer_decay", 0, 1, lo_open=True),

@@ -5,7 +5,8 @@
     python finetune/run.py --res 384 --eval-only --pretrained released_384.pth --data val_shards/
     (also `python -m finetune.run ...` and `swin-finetune ...`; `--set backend=deepspeed` under ZeRO)
 
-Without --config: configs/finetune/swin_b_22kto1k_{384 or 224}.json. The window defaults to res/32.
+--config: a JSON file or a shipped recipe's name (finetune/swin_l_22kto1k_384); without it, the recipe
+finetune/swin_b_22kto1k_{384 or 224}. The window defaults to res/32.
 """
 import os
 import sys
@@ -15,7 +16,6 @@ from finetune.config import load_finetune_config, missing_inputs, revalidate, wi
 from pretrain import cli
 from pretrain.config import ConfigError
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "finetune")
 
 
 def parse(argv=None):
@@ -40,7 +40,7 @@ def parse(argv=None):
 def main(argv: Optional[list[str]] = None, faults=None) -> int:
     """`faults`: a pretrain.training.Faults, for tests (tests/faulty_train.py)."""
     a = parse(argv)
-    config = a.config or os.path.join(CONFIGS, f"swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}.json")
+    config = a.config or f"finetune/swin_b_22kto1k_{384 if (a.res or 384) > 224 else 224}"  # a shipped recipe
 
     def job() -> dict:
         cfg = load_finetune_config(config, a.set)
@@ -50,7 +50,7 @@ def main(argv: Optional[list[str]] = None, faults=None) -> int:
                                     a.batch_size, a.output))
         missing = missing_inputs(cfg, a.eval_only, bool(a.resume))
         if missing:
-            raise ConfigError(f"config {os.path.relpath(config)} (res {cfg.model.img_size}, window "
+            raise ConfigError(f"config {config} (res {cfg.model.img_size}, window "
                               f"{cfg.model.window_size}) still needs:\n  " + "\n  ".join(missing))
         from finetune.stage import evaluate_only, finetune_stage
         from pretrain.training import Trainer, compile_cache_env

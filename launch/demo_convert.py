@@ -1,5 +1,5 @@
-"""`python launch/demo_convert.py`: the same as `python -m finetune.demo_convert`."""
+"""`python launch/demo_convert.py`: the same as `python -m pretrain.cli.demo_convert`."""
 if __name__ == "__main__":
     import _run_module
 
-    _run_module.run("finetune.demo_convert")
+    _run_module.run("pretrain.cli.demo_convert")

@@ -1,5 +1,5 @@
-"""`python launch/export.py RUN_DIR`: the same as `python -m pretrain.release`."""
+"""`python launch/export.py RUN_DIR`: the same as `python -m pretrain.cli.release`."""
 if __name__ == "__main__":
     import _run_module
 
-    _run_module.run("pretrain.release")
+    _run_module.run("pretrain.cli.release")

@@ -1,5 +1,5 @@
-"""`deepspeed launch/pretrain.py --config configs/swin_l_22k.json`: the same as `python -m pretrain.train`."""
+"""`deepspeed launch/pretrain.py --config configs/swin_l_22k.json`: the same as `python -m pretrain.cli.train`."""
 if __name__ == "__main__":
     import _run_module
 
-    _run_module.run("pretrain.train")
+    _run_module.run("pretrain.cli.train")

@@ -108,6 +108,22 @@ def _probe_deepspeed() -> None:
         raise CompatError("deepspeed.ops.__compatible_ops__ is gone")
 
 
+# ------------------------------------------------------------------------------------------ accelerate
+
+def accelerate_new_state() -> None:
+    """Let the next Accelerator in this process take its own settings (mixed precision): accelerate keeps them in
+    a process-wide AcceleratorState and refuses a second, different one (a second run in one process: a
+    notebook, the in-process tests). The distributed state (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()
+
+
+def _probe_accelerate() -> None:
+    from accelerate.state import AcceleratorState
+    if not callable(getattr(AcceleratorState, "_reset_state", None)):
+        raise CompatError("accelerate.state.AcceleratorState._reset_state is gone")
+
+
 # ------------------------------------------------------------------------------------------------ timm
 
 def timm_info_text(name: str) -> str:
@@ -131,22 +147,21 @@ def _probe_timm() -> None:
     timm_info_text("imagenet_synsets.txt")
 
 
-PROBES = {"torch": _probe_torch, "DeepSpeed": _probe_deepspeed, "timm": _probe_timm}
-_checked = False
+PROBES = {"torch": _probe_torch, "DeepSpeed": _probe_deepspeed, "accelerate": _probe_accelerate, "timm": _probe_timm}
+_checked: set[str] = set()  # the backends probed in this process ("": all)
 
 
-def check(deepspeed: bool = True) -> None:
-    """Probe every reach once per process (`deepspeed`: also DeepSpeed's, for its backend); one line naming
-    what is missing and the tested versions."""
-    global _checked
-    if _checked:
+def check(backend: str = "") -> None:
+    """Probe every reach once per process (`backend`: only that training backend's, deepspeed or accelerate;
+    "": both); one line naming what is missing and the tested versions."""
+    if backend in _checked or "" in _checked:
         return
     for name, probe in PROBES.items():
-        if name == "DeepSpeed" and not deepspeed:
+        if backend and name.lower() in ("deepspeed", "accelerate") and name.lower() != backend:
             continue
         try:
             probe()
         except (CompatError, AttributeError, ImportError, FileNotFoundError, TypeError) as e:
             raise CompatError(f"{name}: {e}; this project reaches into it (pretrain/compat.py) and was tested "
                               f"with: {versions()}") from None
-    _checked = True
+    _checked.add(backend)

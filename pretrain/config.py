@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -311,17 +312,41 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+# The shipped recipes: package data (pretrain/recipes/*.json, finetune/*.json), which a checkout's configs/ is.
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+def recipe_names() -> list[str]:
+    """The shipped recipes by name: `swin_l_22k`, `finetune/swin_b_22kto1k_384`, ..."""
+    return sorted(os.path.relpath(os.path.join(d, f), RECIPES)[:-len(".json")]
+                  for d, _, files in os.walk(RECIPES) for f in files if f.endswith(".json"))
+
+
+def resolve_config(path: str) -> str:
+    """`--config`'s file: the path itself where it is a file (relative to the current directory), else the
+    shipped recipe it names: `swin_l_22k`, `finetune/swin_b_22kto1k_384` (with or without .json, or as a
+    checkout's `configs/NAME.json`), so an installed package runs its recipes from any directory."""
+    if os.path.isfile(path):
+        return path
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    recipe = os.path.join(RECIPES, name if name.endswith(".json") else name + ".json")
+    if os.path.isfile(recipe):
+        return recipe
+    raise ConfigError(f"config {path} does not exist: give a JSON file, or a shipped recipe's name "
+                      f"({', '.join(recipe_names())})")
+
+
 def read_config(cls: type, path: Optional[str] = None, overrides: list[str] = ()) -> Any:
-    """A config of dataclass `cls` from a JSON file (or the defaults) with `key=value` overrides applied;
-    unknown keys and wrong types are errors. Checks beyond types are the caller's."""
+    """A config of dataclass `cls` from a JSON file or a shipped recipe's name (`resolve_config`; None: the
+    defaults) with `key=value` overrides applied; unknown keys and wrong types are errors. Checks beyond types
+    are the caller's."""
     data: dict = {}
     if path:
+        path = resolve_config(path)
         try:
             with open(path) as f:
                 data = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config {path} does not exist: give a JSON config (configs/ holds the shipped ones)") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
     for o in overrides:
         apply_override(data, o)

@@ -291,7 +291,7 @@ def check_same_architecture(config: dict, saved_config: str) -> None:
     if saved.task != task:
         raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the run was saved with task "
                           f"{saved.task!r}, this config says task={task!r}: resume with the saved task; to "
-                          "fine-tune a run of another task, export it (python -m pretrain.release) and give it to "
+                          "fine-tune a run of another task, export it (python -m pretrain.cli.release) and give it to "
                           "finetune/run.py --pretrained")
     was, now = saved.raw.get("model", {}), config["model"]
     changed = {k: (was.get(k), now.get(k)) for k in ARCHITECTURE_KEYS if k in was and was[k] != now[k]}

@@ -14,7 +14,7 @@ def main() -> int:
     from pretrain.training import Faults
     faults = Faults.from_json(open(spec[1:]).read() if spec.startswith("@") else spec)  # JSON, or @FILE
     if app == "pretrain":
-        from pretrain.train import main as entry
+        from pretrain.cli.train import main as entry
     else:
         from finetune.run import main as entry
     return entry(rest, faults=faults)

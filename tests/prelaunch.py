@@ -30,9 +30,9 @@ import sys
 import time
 
 PRELOAD = ("torch", "torch.distributed", "timm", "torchvision", "deepspeed", "accelerate", "webdataset",
-           "pyarrow", "safetensors.torch", "pretrain.train", "pretrain.training.distributed",
+           "pyarrow", "safetensors.torch", "pretrain.cli.train", "pretrain.training.distributed",
            "pretrain.training.deepspeed_backend", "pretrain.training.accelerate_backend", "pretrain.models",
-           "pretrain.weights", "pretrain.convert", "pretrain.release", "pretrain.make_shards", "finetune.run")
+           "pretrain.weights", "pretrain.cli.convert", "pretrain.cli.release", "pretrain.cli.make_shards", "finetune.run")
 # Read when the modules above are imported (here, once): a job may not change them.
 IMPORT_TIME_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH")
 GRACE_S = 30  # a failed job's peers: SIGTERM at once, SIGKILL this much later (the deepspeed launcher's wait)

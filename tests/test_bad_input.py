@@ -56,7 +56,7 @@ def test_invalid_manifest_json_is_one_line_exit_2_in_training_and_verify(images,
     (out / "_info.json").write_text('{"splits": {"train": ')
     with pytest.raises(DataError, match=r"_info.json: not valid JSON"):
         build_loader(LoaderConfig(str(out / "_info.json"), batch_size=4, workers=0, aug=AUG))
-    r = python("-m", "pretrain.make_shards", "verify", str(out))
+    r = python("-m", "pretrain.cli.make_shards", "verify", str(out))
     assert r.returncode == 2 and "_info.json: not valid JSON" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -136,7 +136,7 @@ def test_damaged_bias_table_is_an_error_naming_the_key_not_a_resize(tmp_path):
     raw = torch.load(path, weights_only=True)
     raw["model"]["layers.0.blocks.1.attn.relative_position_bias_table"] = torch.zeros(121, 2)
     torch.save(raw, path)
-    r = python("-m", "pretrain.convert", path, str(tmp_path / "o.safetensors"), "--layout", "timm")
+    r = python("-m", "pretrain.cli.convert", path, str(tmp_path / "o.safetensors"), "--layout", "timm")
     assert r.returncode == 2 and "layers.0.blocks.1.attn.relative_position_bias_table (121, 2)" in r.stderr
     assert r.stderr.count("relative_position_bias_table") == 1, r.stderr  # the one bad tensor, not 20 good ones
 

@@ -3,8 +3,8 @@ line `error: ...` naming it, exit 2, no traceback. In-process: main(argv) as the
 import os
 
 
-from pretrain import convert, make_shards, release, train
-from finetune import demo_convert, run as finetune_run
+from finetune import run as finetune_run
+from pretrain.cli import convert, demo_convert, make_shards, release, train
 
 
 def one_line_error(capsys, main, argv, needle: str) -> None:

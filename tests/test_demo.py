@@ -1,4 +1,4 @@
-"""The README's main job, `launch/demo.py`, at a smaller size, and the docs generated from code."""
+"""The README's main job, `launch/demo.py` (`swin-demo`), at a smaller size, and the docs generated from code."""
 import pytest
 import os
 import subprocess
@@ -10,9 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.demo
 def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
+    """The checkout's `python launch/demo.py`, started in another directory, writes and trains there."""
     out = tmp_path / "runs"
-    cmd = [sys.executable, "launch/demo.py", "--out", str(out), "--pretrain-steps", "6", "--finetune-epochs", "1"]
-    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, str(REPO / "launch" / "demo.py"), "--pretrain-steps", "6", "--finetune-epochs", "1"]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for line in ("[5/5] results", "pretraining  top-1", "fine-tuned   top-1", "on 80 images"):
         assert line in first.stdout, first.stdout[-2000:]
@@ -20,7 +21,7 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     assert len(list((out / "swin_tiny_cpu" / "export").glob("*.safetensors"))) == 3
     assert len(list((out / "swin_tiny_cpu_ft" / "export").glob("finetuned.*.safetensors"))) == 3
     assert (out / "swin_tiny_cpu" / "metrics.jsonl").exists() and (out / "swin_tiny_cpu_ft" / "config.json").exists()
-    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "10 shard(s) were already there" in second.stdout
     assert second.stdout.count("not launched again") == 2 and "$ " not in second.stdout, second.stdout[-2000:]
@@ -28,10 +29,10 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
 
 
 def test_demo_step_launches_again_only_when_its_command_or_inputs_changed(tmp_path):
-    """finetune.demo.run_step (what the demo's rerun skips): a step whose same command (rendezvous port and
+    """pretrain.cli.demo.run_step (what the demo's rerun skips): a step whose same command (rendezvous port and
     --resume aside), config file and inputs finished is not launched; another setting, an edited config or a
     new pretrained tag launches."""
-    from finetune.demo import run_step
+    from pretrain.cli.demo import run_step
     count = tmp_path / "launches"
     run_dir = tmp_path / "run"
     run_dir.mkdir()

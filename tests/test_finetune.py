@@ -115,7 +115,7 @@ def test_official_checkpoint_at_new_resolution_matches_timm_conversion(official_
 def test_missing_inputs_are_named():
     r = python("finetune/run.py", "--res", "384")
     assert r.returncode == 2
-    assert "swin_b_22kto1k_384.json (res 384, window 12) still needs" in r.stderr
+    assert "config finetune/swin_b_22kto1k_384 (res 384, window 12) still needs" in r.stderr  # the recipe by name
     assert "--pretrained" in r.stderr and "--data" in r.stderr
 
 

@@ -130,7 +130,7 @@ def test_incomplete_missing_or_damaged_tags_are_refused_naming_the_file(tmp_path
     assert ckpt.resolve_tag(str(tmp_path / "run"), "step00000004") == (str(d), "step00000004")
     with pytest.raises(ckpt.IncompleteCheckpointError, match="step00000006 is not marked complete"):
         ckpt.resolve_tag(str(tmp_path / "run"), "step00000006")
-    r = python("-m", "pretrain.release", str(tmp_path / "run"), "--tag", "step00000009")
+    r = python("-m", "pretrain.cli.release", str(tmp_path / "run"), "--tag", "step00000009")
     assert r.returncode == 2 and "step00000009 does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -199,14 +199,14 @@ def test_convert_of_one_damaged_tensor_names_it_alone(tmp_path):
                      num_heads=(2, 4)).state_dict()
     sd["layers.1.blocks.0.attn.qkv.weight"] = torch.zeros(195, 64)
     st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
-    r = python("-m", "pretrain.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
+    r = python("-m", "pretrain.cli.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
                "--layout", "timm")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "shape mismatches: layers.1.blocks.0.attn.qkv.weight (195, 64) vs model (192, 64)\n" in r.stderr
     assert "only the 1 tensor(s) named above disagree" in r.stderr and "Build the matching variant" not in r.stderr
     sd["patch_embed.proj.weight"] = torch.zeros(35, 3, 4, 4)  # read as embed_dim 35: no architecture fits
     st.save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "bad.safetensors"))
-    r = python("-m", "pretrain.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
+    r = python("-m", "pretrain.cli.convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out.safetensors"),
                "--layout", "timm")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not fit together" in r.stderr
 

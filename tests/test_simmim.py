@@ -277,7 +277,7 @@ def test_multistep_schedule_is_the_official_one():
     ("model.num_classes=10", "model.num_classes=10 acts nowhere with task=simmim"),
 ])
 def test_a_bad_simmim_config_is_one_line_naming_the_key(capsys, override, message):
-    from pretrain import train
+    from pretrain.cli import train
     rc = train.main(["--config", os.path.join(REPO, "configs/simmim_swin_b_192.json"), "--set", override])
     lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert rc == 2 and len(lines) == 1 and message in lines[0], lines
@@ -297,7 +297,7 @@ def test_make_shards_no_labels_writes_and_verifies_an_unlabelled_folder(capsys, 
     that says so, and `verify` passes; without the flag a folder of loose images names --no-labels."""
     import json
     from PIL import Image
-    from pretrain import make_shards
+    from pretrain.cli import make_shards
     src = tmp_path / "photos"
     (src / "a" / "b").mkdir(parents=True)
     for i, d in enumerate([src, src / "a", src / "a" / "b"] * 3):

@@ -73,7 +73,7 @@ def submit(cluster: dict, nodes: int, log: Path, env: dict, script: list[str]) -
 
 
 def slow(tmp_path: Path) -> dict:
-    """The sbatch script starts $PRETRAIN_ENTRY (default launch/pretrain.py): here the entry that hands
+    """The sbatch script starts $PRETRAIN_ENTRY (default -m pretrain.cli.train): here the entry that hands
     slow updates (pretrain.training.Faults) to the trainer, so a signal lands mid-run."""
     spec = tmp_path / "faults.json"
     spec.write_text(json.dumps({"sleep_s": 0.5}))

@@ -160,7 +160,7 @@ def test_demo_v2_pretrained_at_window_4_fine_tunes_at_window_6(tmp_path):
 def test_convert_moves_an_official_v2_checkpoint_to_a_new_window(tmp_path):
     src = export(v2(64, 4), str(tmp_path / "pre.pth"), layout="official")
     dst = str(tmp_path / "w6.safetensors")
-    r = python("-m", "pretrain.convert", src, dst, "--layout", "timm", "--img-size", "96", "--window-size", "6")
+    r = python("-m", "pretrain.cli.convert", src, dst, "--layout", "timm", "--img-size", "96", "--window-size", "6")
     assert r.returncode == 0, r.stderr
     ours = build_model("swinv2_tiny", img_size=96, window_size=6, pretrained_window_sizes=(4, 4), **ARCH).eval()
     load_pretrained(ours, src)
@@ -170,5 +170,5 @@ def test_convert_moves_an_official_v2_checkpoint_to_a_new_window(tmp_path):
     with torch.no_grad():
         assert rel_err(ours(x), ref(x)) <= 1e-4
     timm_file = export(v2(), str(tmp_path / "t.safetensors"), layout="timm")
-    r = python("-m", "pretrain.convert", timm_file, str(tmp_path / "o.pth"), "--layout", "official")
+    r = python("-m", "pretrain.cli.convert", timm_file, str(tmp_path / "o.pth"), "--layout", "official")
     assert r.returncode == 2 and "stores no window size" in r.stderr and "--window-size" in r.stderr

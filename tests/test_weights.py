@@ -225,7 +225,7 @@ def test_convert_cli_official_to_timm_at_new_resolution(tmp_path):
     src = build_model("swin_tiny", num_classes=21841)
     official = export(src, str(tmp_path / "swin_t_22k.pth"), layout="official")
     dst = tmp_path / "swin_t_384.safetensors"
-    out = python("-m", "pretrain.convert", official, str(dst), "--layout", "timm", "--img-size", "384",
+    out = python("-m", "pretrain.cli.convert", official, str(dst), "--layout", "timm", "--img-size", "384",
                  "--window-size", "12", "--num-classes", "1000")
     assert out.returncode == 0, out.stderr
     assert "21841 ImageNet-22K rows -> 1000" in out.stdout
@@ -237,5 +237,5 @@ def test_convert_cli_official_to_timm_at_new_resolution(tmp_path):
     with torch.no_grad():
         a, b = ours(x), ref(x)
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
-    bad = python("-m", "pretrain.convert", str(tmp_path / "nope.pth"), str(dst), "--layout", "ours")
+    bad = python("-m", "pretrain.cli.convert", str(tmp_path / "nope.pth"), str(dst), "--layout", "ours")
     assert bad.returncode == 2 and "nope.pth" in bad.stderr

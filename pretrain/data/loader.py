@@ -253,7 +253,7 @@ class ShardStream(IterableDataset):
                         # A count the shard can't hold stretches the epoch and the lr schedule with re-read
                         # samples; evaluation reports the images it read (val_samples / val_expected).
                         raise DataError(msg + ": the shard is truncated or the manifest is wrong (python -m "
-                                        "pretrain.make_shards verify); set data.on_bad_shard='skip' to go on")
+                                        "pretrain.cli.make_shards verify); set data.on_bad_shard='skip' to go on")
                     log.warning("%s (truncated shard?)", msg)
                 return
             except DataError:

@@ -185,11 +185,11 @@ def check_manifest(source: str, split: str, s: dict, shards: list[Shard], check_
         size = sfs.size(path)
         if n and size < n * MIN_SAMPLE_BYTES:
             raise DataError(f"{url}: {size} bytes cannot hold the {n} samples {source} lists for it; the shard "
-                            "is truncated or the manifest is wrong (python -m pretrain.make_shards verify)")
+                            "is truncated or the manifest is wrong (python -m pretrain.cli.make_shards verify)")
     if missing:
         raise DataError(f"{source}: split {split!r} lists {len(missing)} local shard(s) that do not exist: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; copy them there, or "
-                        "rewrite the manifest (python -m pretrain.make_shards verify lists what is missing)")
+                        "rewrite the manifest (python -m pretrain.cli.make_shards verify lists what is missing)")
 
 
 def resolve_split_once(source: str, split: str, world: int) -> Split:

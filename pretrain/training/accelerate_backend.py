@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ..compat import accelerate_new_state
 from ..config import RunConfig
 from ..io import write_bytes_atomic
 from ..runs import read_state, write_state
@@ -35,6 +36,7 @@ class AccelerateBackend(Backend):
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
         precision = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[cfg.optim.precision]
+        accelerate_new_state()  # this run's precision, whatever an earlier run in this process used
         self.acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(),
                                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout_s))])
         self.rank, self.world, self.device = self.acc.process_index, self.acc.num_processes, self.acc.device

@@ -38,7 +38,7 @@ def join(cfg: RunConfig, name: str, ema_decay: float = 0.0, lock: Optional[runs.
         raise ConfigError("an EMA (finetune.ema_decay) needs whole weights on every rank: use optim.zero_stage "
                           "0-2 with it")
     raise_failed([auto_augment_check(cfg.aug.auto_augment)])  # timm's parse: a typo fails before any group
-    compat.check(deepspeed=cfg.backend == "deepspeed")  # every private API we reach into is still there
+    compat.check(cfg.backend)  # every private API we reach into is still there
     backend = build_backend(cfg)
     if lock is not None:
         on_rank0(lambda: runs.claim_run_dir(lock, cfg.checkpoint_dir), f"locking {cfg.run_dir}")
@@ -63,7 +63,7 @@ def compile_cache(cfg: RunConfig) -> str:
 def compile_cache_env(cfg: RunConfig) -> dict[str, str]:
     """The environment that points inductor and Triton at `compile_cache(cfg)`: inductor reads its cache
     folders from the environment when it first compiles (it has no API for them), so the apps set these
-    before building a run (pretrain.train, finetune.run); the library never sets them itself."""
+    before building a run (pretrain.cli.train, finetune.run); the library never sets them itself."""
     cache = compile_cache(cfg)
     return {"TORCHINDUCTOR_CACHE_DIR": cache,
             "TRITON_CACHE_DIR": os.environ.get("TRITON_CACHE_DIR", os.path.join(cache, "triton"))}

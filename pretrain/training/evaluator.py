@@ -85,7 +85,7 @@ class Evaluator:
             return
         metrics[prefix + "expected"] = expected
         msg = (f"WARNING: evaluated {seen} of the {expected} validation images the manifest lists ({self.source}): "
-               "some shards are short or corrupt (python -m pretrain.make_shards verify); the metrics are over "
+               "some shards are short or corrupt (python -m pretrain.cli.make_shards verify); the metrics are over "
                "the images read")
         log.warning(msg)
         self.print0(msg)

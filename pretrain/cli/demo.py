@@ -1,20 +1,22 @@
 """The whole pipeline on an embedded dataset, on this machine (CPU is fine, GPUs are used when present):
 
-    python launch/demo.py [--ranks 2] [--pretrain-steps 0] [--finetune-epochs 0] [--out runs]
+    swin-demo [--ranks 2] [--pretrain-steps 0] [--finetune-epochs 0] [--out runs]
+    (also `python launch/demo.py` in a checkout, `python -m pretrain.cli.demo`; from any directory: it
+    writes --out there and launches the installed package's modules)
 
 1. draws a 10-class image set (real JPEG files in class folders),
-2. packs it into WebDataset shards (pretrain.data.shards, as `python -m pretrain.make_shards`; train + validation),
-3. pretrains a small Swin with DeepSpeed on --ranks processes (configs/swin_tiny_cpu.json, 64 px, window 4;
-   `--arch v2`: Swin V2, configs/swinv2_tiny_cpu.json),
-4. fine-tunes it at 96 px with window 6 through finetune/run.py (configs/finetune/swin{,v2}_tiny_cpu.json;
+2. packs it into WebDataset shards (pretrain.data.shards, as `python -m pretrain.cli.make_shards`; train + validation),
+3. pretrains a small Swin with DeepSpeed on --ranks processes (the recipe swin_tiny_cpu, 64 px, window 4;
+   `--arch v2`: Swin V2, swinv2_tiny_cpu),
+4. fine-tunes it at 96 px with window 6 through finetune.run (the recipe finetune/swin{,v2}_tiny_cpu;
    V2 moves to the new window through its continuous position bias, with the checkpoint's windows),
 5. evaluates, prints top-1 and where everything is, and draws the loss/accuracy curves to a PNG.
 A second run reuses the images and the shards, skips a run the same command finished, and continues a
 finished run whose settings changed (--pretrain-steps, --finetune-epochs, --ranks).
 
-    python launch/demo.py --task simmim [--pretrain-steps 0] [--finetune-epochs 0]
+    swin-demo --task simmim [--pretrain-steps 0] [--finetune-epochs 0]
 
-SimMIM instead of supervised pretraining (configs/simmim_tiny_cpu.json: masked image modelling, 64 px, window 4,
+SimMIM instead of supervised pretraining (the recipe simmim_tiny_cpu: masked image modelling, 64 px, window 4,
 16 px mask squares; the labels are not read), its validation reconstruction loss per epoch and a picture of
 its reconstructions, then two fine-tunes at 96 px / window 6 in the same budget: from the SimMIM weights (bias
 tables by the SimMIM geometric spline) and from random init; their top-1 side by side and in the curves PNG.
@@ -28,6 +30,7 @@ import sys
 import torch
 
 from pretrain import cli
+from pretrain.config import resolve_config
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.io import write_bytes_atomic
@@ -35,13 +38,15 @@ from pretrain.runs import latest_tag
 from pretrain.training.backend import free_port  # not the launchers' default 29500: two demos may run at once
 from pretrain.weights import export_run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (configs/, launch/)
-BIN = os.path.dirname(sys.executable)
+# The launchers as modules of this interpreter (their console scripts may be elsewhere, or not on PATH), and the
+# steps as the installed package's modules: the demo runs from any directory, in that directory.
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run(cmd: list[str], env: dict) -> None:
     print("  $ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, env=env, cwd=ROOT)
+    r = subprocess.run(cmd, env=env)
     if r.returncode:
         raise SystemExit(f"demo step failed ({r.returncode}): {' '.join(cmd)}")
 
@@ -57,7 +62,7 @@ def step_key(cmd: list[str], inputs: str = "") -> str:
         elif arg in ("--master_port", "--resume"):
             drop = True
         else:
-            keep.append(open(os.path.join(ROOT, arg)).read() if prev == "--config" else arg)
+            keep.append(open(resolve_config(arg)).read() if prev == "--config" else arg)
     return json.dumps({"cmd": keep, "inputs": inputs})
 
 
@@ -90,6 +95,15 @@ def plot_runs(loss_ax, acc_ax, runs: dict[str, str]) -> None:
     acc_ax.axhline(10, color="grey", linestyle=":", label="chance")
 
 
+def draw(plotter, *args) -> str:
+    """The curves PNG's path, or why there is none (matplotlib is the `demo` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "not drawn: matplotlib is not installed (pip install 'swin-pretrain[demo]')"
+    return plotter(*args)
+
+
 def figure(n: int):
     import matplotlib
     matplotlib.use("Agg")
@@ -115,7 +129,7 @@ def plot(pre_dir: str, ft_dir: str, out: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = cli.parser("python launch/demo.py", __doc__)
+    p = cli.parser("swin-demo", __doc__)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--pretrain-steps", type=int, default=0, help="stop pretraining after N updates (0: config)")
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tuning epochs (0: config)")
@@ -125,7 +139,7 @@ def main(argv=None) -> int:
                    help="supervised pretraining, or SimMIM + a fine-tune against one from random init")
     a = p.parse_args(argv)
     if a.task == "simmim" and a.arch != "v1":
-        p.error("--task simmim runs the Swin V1 demo (configs/simmim_tiny_cpu.json)")
+        p.error("--task simmim runs the Swin V1 demo (the recipe simmim_tiny_cpu)")
     return cli.run(lambda: demo(a) if a.task == "classification" else demo_simmim(a), show_result=False)
 
 
@@ -137,36 +151,42 @@ def prepare_data(out: str, n: int) -> tuple[str, dict]:
     print(f"[2/{n}] shards: {shards} {s['samples']} ({s['skipped_shards']} shard(s) were already there)")
     if not torch.cuda.is_available():  # the launched runs and this process's export (DeepSpeed's checkpoint reader)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # The steps run this interpreter's `pretrain` from wherever they start (PYTHONSAFEPATH: not a `pretrain`
+    # folder in the current directory), as in its activated environment (its bin first on PATH: the ninja
+    # that built DeepSpeed's CPU op, so it is not compiled again).
+    code = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # above pretrain/cli/
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONSAFEPATH="1",
+               PYTHONPATH=os.pathsep.join([code, *filter(None, [os.environ.get("PYTHONPATH")])]),
+               PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     return f"{shards}/_info.json", env
 
 
 def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> None:
     """DeepSpeed pretraining on --ranks processes (continuing a finished run), then its export (what
-    `python -m pretrain.release RUN` does, in this process: one interpreter start less)."""
+    `python -m pretrain.cli.release RUN` does, in this process: one interpreter start less)."""
     sets = [f"run_dir={pre_dir}", f"data.train={info}", f"data.val={info}", "log.progress=false"]
     if a.pretrain_steps:
         sets.append(f"optim.max_steps={a.pretrain_steps}")
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
     print(f"{step} pretraining on {a.ranks} rank(s){' (a checkpoint is there)' if done else ''}", flush=True)
-    run_step([f"{BIN}/deepspeed", "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
-              "launch/pretrain.py", "--config", config,
+    run_step([*DEEPSPEED, "--num_accelerators", str(a.ranks), "--master_port", str(free_port()),
+              "--module", "pretrain.cli.train", "--config", config,
               *(["--resume", "auto"] if done else []), "--set", *sets], env, pre_dir)
-    print(f"  exporting the run's newest checkpoint (as python -m pretrain.release {pre_dir})", flush=True)
+    print(f"  exporting the run's newest checkpoint (as python -m pretrain.cli.release {pre_dir})", flush=True)
     for path in export_run(pre_dir, warn=lambda m: print(f"  {m}")):  # m starts "warning: "
         print(f"  wrote {path}")
 
 
 def finetune(a, config: str, start: list[str], ft_dir: str, info: str, env: dict, step: str) -> None:
-    """finetune/run.py at 96 px / window 6 under torchrun; `start`: --pretrained DIR or --from-scratch."""
+    """finetune.run at 96 px / window 6 under torchrun; `start`: --pretrained DIR or --from-scratch."""
     ft_args = ["--config", config, "--res", "96", "--window", "6", *start, "--output", ft_dir,
                "--set", f"data.train={info}", f"data.val={info}"]
     if a.finetune_epochs:
         ft_args += ["--epochs", str(a.finetune_epochs)]
     ft_done = os.path.exists(f"{ft_dir}/checkpoints/latest_complete")
     print(f"{step} at 96 px, window 6{' (a checkpoint is there)' if ft_done else ''}", flush=True)
-    run_step([f"{BIN}/torchrun", "--nproc_per_node", str(a.ranks), "--master_port", str(free_port()),
-              "finetune/run.py", *ft_args, *(["--resume", "auto"] if ft_done else [])], env, ft_dir,
+    run_step([*TORCHRUN, "--nproc_per_node", str(a.ranks), "--master_port", str(free_port()),
+              "-m", "finetune.run", *ft_args, *(["--resume", "auto"] if ft_done else [])], env, ft_dir,
              inputs=(latest_tag(os.path.join(start[1], "checkpoints")) or "") if start[0] == "--pretrained" else "")
 
 
@@ -175,11 +195,11 @@ def demo(a) -> int:
     name = "swin_tiny_cpu" if a.arch == "v1" else "swinv2_tiny_cpu"
     pre_dir, ft_dir = f"{out}/{name}", f"{out}/{name}_ft"
     info, env = prepare_data(out, 5)
-    pretrain(a, f"configs/{name}.json", pre_dir, info, env, "[3/5]")
-    finetune(a, f"configs/finetune/{name}.json", ["--pretrained", pre_dir], ft_dir, info, env, "[4/5] fine-tuning")
+    pretrain(a, name, pre_dir, info, env, "[3/5]")
+    finetune(a, f"finetune/{name}", ["--pretrained", pre_dir], ft_dir, info, env, "[4/5] fine-tuning")
     pre = [r for r in records(f"{pre_dir}/metrics.jsonl") if "val_top1" in r]
     ft = [r for r in records(f"{ft_dir}/metrics.jsonl") if "val_top1" in r]
-    png = plot(pre_dir, ft_dir, f"{out}/demo_curves.png")
+    png = draw(plot, pre_dir, ft_dir, f"{out}/demo_curves.png")
     print("[5/5] results")
     if pre:
         print(f"  pretraining  top-1 {pre[-1]['val_top1']:.1f}% (chance 10%) on {pre[-1]['val_samples']} images")
@@ -207,13 +227,14 @@ def demo_simmim(a) -> int:
     out = a.out.rstrip("/")
     pre_dir, ft_dir, scratch_dir = f"{out}/simmim_tiny_cpu", f"{out}/simmim_tiny_cpu_ft", f"{out}/scratch_tiny_cpu_ft"
     info, env = prepare_data(out, 6)
-    pretrain(a, "configs/simmim_tiny_cpu.json", pre_dir, info, env, "[3/6] SimMIM")
-    config = "configs/finetune/simmim_tiny_cpu.json"
+    pretrain(a, "simmim_tiny_cpu", pre_dir, info, env, "[3/6] SimMIM")
+    config = "finetune/simmim_tiny_cpu"
     finetune(a, config, ["--pretrained", pre_dir], ft_dir, info, env, "[4/6] fine-tuning from SimMIM")
     finetune(a, config, ["--from-scratch"], scratch_dir, info, env, "[5/6] fine-tuning from random init")
     evals = [r for r in records(f"{pre_dir}/metrics.jsonl") if "val_loss" in r]
     pictures = sorted(glob.glob(f"{pre_dir}/reconstructions/*.png"))
-    png = plot_simmim(pre_dir, {"from SimMIM": ft_dir, "from random init": scratch_dir}, f"{out}/demo_simmim_curves.png")
+    png = draw(plot_simmim, pre_dir, {"from SimMIM": ft_dir, "from random init": scratch_dir},
+               f"{out}/demo_simmim_curves.png")
     print("[6/6] results")
     if evals:
         print(f"  SimMIM validation reconstruction loss: {evals[0]['val_loss']:.4f} at update {evals[0]['step']} -> "

@@ -1,8 +1,8 @@
 """Pack images (labelled, or not: --no-labels) into WebDataset shards, or verify written shards.
 
-    python -m pretrain.make_shards write SRC OUT [--val-per-class N] [--samples-per-shard N]
+    python -m pretrain.cli.make_shards write SRC OUT [--val-per-class N] [--samples-per-shard N]
                                        [--max-shard-bytes B] [--max-side N] [--workers N] [--seed S]
-    python -m pretrain.make_shards verify OUT
+    python -m pretrain.cli.make_shards verify OUT
     (also `swin-make-shards ...` and `python launch/make_shards.py ...`)
 
 SRC: a folder of class folders (fall11_whole/<wnid>/*.JPEG), a folder of <wnid>.tar archives, or parquet
@@ -11,11 +11,11 @@ file(s) with image bytes and a label column; with --no-labels, a folder of image
 import json
 import sys
 
-from . import cli
+from .. import cli
 
 
 def main(argv=None) -> int:
-    p = cli.parser("python -m pretrain.make_shards", __doc__)
+    p = cli.parser("python -m pretrain.cli.make_shards", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("write", help="write shards + manifest (resumable)")
     w.add_argument("src")
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 
 
 def write(a) -> int:
-    from .data.shards import WriteOptions, write_shards
+    from ..data.shards import WriteOptions, write_shards
     opts = WriteOptions(src=a.src, out=a.out, val_per_class=a.val_per_class,
                         samples_per_shard=a.samples_per_shard, max_shard_bytes=a.max_shard_bytes,
                         max_side=a.max_side, seed=a.seed, quality=a.quality, workers=a.workers,
@@ -59,7 +59,7 @@ def write(a) -> int:
 
 
 def verify(out: str) -> int:
-    from .data.shards import verify_shards
+    from ..data.shards import verify_shards
     report = verify_shards(out)
     print(json.dumps(report, indent=1))
     return 1 if report["bad_shards"] else 0

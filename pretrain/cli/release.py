@@ -1,7 +1,7 @@
 """Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout
 (a SimMIM run: ours, the official SimMIM layout, and the encoder alone for fine-tuning or timm).
 
-    python -m pretrain.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official]
+    python -m pretrain.cli.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official]
     (also `swin-export ...` and `python launch/export.py ...`)
 
 Only the checkpoint's model section is read: a run whose config has keys this version does not know
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from . import cli
-from .weights import LAYOUTS, SIMMIM_LAYOUTS, export_run
+from .. import cli
+from ..weights import LAYOUTS, SIMMIM_LAYOUTS, export_run
 
 
 def main(argv=None) -> int:
-    p = cli.parser("python -m pretrain.release", __doc__)
+    p = cli.parser("python -m pretrain.cli.release", __doc__)
     p.add_argument("path", help="run dir, its checkpoints/ dir, or one tag folder")
     p.add_argument("--tag", help="default: the newest complete checkpoint")
     p.add_argument("--out", help="default: <run dir>/export")

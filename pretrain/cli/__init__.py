@@ -1,7 +1,7 @@
 """The command-line layer every entry point shares (pretraining, fine-tuning, make_shards, export, convert,
 the demos): common arguments, the distributed environment resolved first, and one error policy.
 
-    p = cli.parser("python -m pretrain.train", __doc__, config=True)   # --config / --set (/ --resume)
+    p = cli.parser("python -m pretrain.cli.train", __doc__, config=True)   # --config / --set (/ --resume)
     return cli.run(lambda: job(p.parse_args(argv)))
 
 The policy: a user error (a bad key or value, a missing file, a bad checkpoint or shard, a run dir in use,
@@ -16,8 +16,8 @@ import errno
 import sys
 from typing import Callable, Optional
 
-from .collective import print0, printer, rank  # noqa: F401  (the entry points' printing)
-from .errors import UserError
+from ..collective import print0, printer, rank  # noqa: F401  (the entry points' printing)
+from ..errors import UserError
 
 
 def user_error(e: BaseException) -> Optional[str]:
@@ -37,7 +37,7 @@ def common(config: bool = False, resume: bool = False) -> argparse.ArgumentParse
     and the deepspeed launcher's --local_rank."""
     p = argparse.ArgumentParser(add_help=False)
     if config:
-        p.add_argument("--config", help="JSON run config (configs/*.json)")
+        p.add_argument("--config", help="run config: a JSON file, or a shipped recipe's name (e.g. swin_l_22k)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="config overrides, e.g. optim.base_lr=5e-4 (docs/config.md lists every key)")
     if resume:
@@ -55,7 +55,7 @@ def parser(prog: str, doc: Optional[str], config: bool = False, resume: bool = F
 def run(job: Callable[[], object], show_result: bool = True) -> int:
     """Run an entry point's job under the one error policy; returns the exit code. The job returns a dict
     (printed by rank 0), an int (the exit code) or None."""
-    from . import slurm
+    from .. import slurm
     try:
         slurm.init_env_from_slurm()  # first: every later read of the rank agrees, under srun too
         result = job()

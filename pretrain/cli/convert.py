@@ -1,6 +1,6 @@
 """Convert a Swin checkpoint between layouts, optionally to a new resolution, window or class count.
 
-    python -m pretrain.convert SRC DST --layout timm|official|ours [--img-size N] [--window-size M]
+    python -m pretrain.cli.convert SRC DST --layout timm|official|ours [--img-size N] [--window-size M]
                                         [--num-classes K] [--reset-head] [--allow-pickle]
                                         [--pretrained-window-sizes W W W W]
 
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 
-from . import cli
-from .weights import LAYOUTS, convert_checkpoint
+from .. import cli
+from ..weights import LAYOUTS, convert_checkpoint
 
 
 def parse_args(argv: list[str] | None = None):
-    p = cli.parser("python -m pretrain.convert", __doc__)
+    p = cli.parser("python -m pretrain.cli.convert", __doc__)
     p.add_argument("src", help="checkpoint path or fsspec URL (official .pth, timm, ours)")
     p.add_argument("dst", help="output path or fsspec URL; .safetensors or .pth")
     p.add_argument("--layout", choices=LAYOUTS, required=True)
