@@ -9,7 +9,7 @@ import torch
 from pretrain.cli import print0
 from pretrain.config import ConfigError
 from pretrain.models import config_from_section, model_from_section
-from pretrain.runs import latest_or_fail, load_run_weights, read_config, read_state, resolve_tag
+from pretrain.runs import is_run_folder, latest_or_fail, load_run_weights, read_config, read_state, resolve_tag
 from pretrain.training import Stage, Trainer, evaluate_weights
 from pretrain.weights import export_layouts, load_pretrained, pretrained_windows_of, stage_windows
 
@@ -17,9 +17,9 @@ from .config import FinetuneConfig
 
 
 def resolve_pretrained(source: str):
-    """A path/URL for load_pretrained, or, for one of our run/checkpoint folders, its consolidated fp32
+    """A path/URL/hub id for load_pretrained, or, for one of our run/checkpoint folders, its consolidated fp32
     state dict (whichever backend wrote it)."""
-    if "://" not in source and os.path.isdir(source):
+    if "://" not in source and is_run_folder(source):  # else a file, URL, hub id or transformers folder
         return load_run_weights(*resolve_tag(source))
     return source
 
@@ -31,7 +31,7 @@ def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
     m, source = cfg.model, source or cfg.finetune.pretrained
     if not m.variant.startswith("swinv2") or m.pretrained_window_sizes is not None or not source:
         return
-    if "://" not in source and os.path.isdir(source):
+    if "://" not in source and is_run_folder(source):
         ckpt_dir, tag = resolve_tag(source)
         c = config_from_section(read_config(os.path.join(ckpt_dir, tag), warn=print0).model)
         windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"

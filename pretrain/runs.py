@@ -352,6 +352,14 @@ class IncompleteCheckpointError(UserError, FileNotFoundError):
     """A checkpoint asked for by name that is missing or was never marked complete."""
 
 
+def is_run_folder(path: str) -> bool:
+    """A run dir, a checkpoint dir or a tag folder of ours (what resolve_tag reads), not another tool's model
+    folder (a transformers one also holds a config.json)."""
+    path = path.rstrip("/")
+    return os.path.isdir(path) and (step_of(os.path.basename(path)) >= 0 or any(
+        os.path.exists(os.path.join(path, p)) for p in (POINTER, MARKER, "checkpoints")))
+
+
 def resolve_tag(path: str, tag: Optional[str] = None) -> tuple[str, str]:
     """(checkpoint dir, complete tag) from a run dir, a checkpoint dir or a tag folder; `tag` names one in
     the checkpoint dir found from `path` (a run dir's checkpoints/ first)."""

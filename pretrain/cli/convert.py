@@ -1,11 +1,11 @@
 """Convert a Swin checkpoint between layouts, optionally to a new resolution, window or class count.
 
-    python -m pretrain.cli.convert SRC DST --layout timm|official|ours [--img-size N] [--window-size M]
+    python -m pretrain.cli.convert SRC DST --layout timm|official|ours|transformers [--img-size N] [--window-size M]
                                         [--num-classes K] [--reset-head] [--allow-pickle]
                                         [--pretrained-window-sizes W W W W]
 
-SRC is any layout of Swin or Swin V2 (detected); DST's extension picks the file format (.safetensors or
-torch.save). V1 bias tables are resized to a new window; a V2 model keeps its CPB MLP, evaluated at the new
+SRC is any layout of Swin or Swin V2 (detected: a file, URL, transformers folder or hf://ORG/NAME); DST's extension
+picks the file format (.safetensors or torch.save), a folder for --layout transformers. V1 bias tables are resized to a new window; a V2 model keeps its CPB MLP, evaluated at the new
 window with the checkpoint's pretrained windows (read off it, or --pretrained-window-sizes).
 """
 from __future__ import annotations

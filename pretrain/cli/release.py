@@ -1,7 +1,8 @@
-"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's and the official layout
-(a SimMIM run: ours, the official SimMIM layout, and the encoder alone for fine-tuning or timm).
+"""Release export: consolidated fp32 weights of a training checkpoint, in our, timm's, the official and the
+transformers layout (a folder for `from_pretrained`; a SimMIM run: ours, the official SimMIM layout, the encoder
+alone for fine-tuning or timm, and transformers' Swin(v2)ForMaskedImageModeling).
 
-    python -m pretrain.cli.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official]
+    python -m pretrain.cli.release RUN_DIR [--tag step00010000] [--out DIR] [--layouts ours timm official transformers]
     (also `swin-export ...` and `python launch/export.py ...`)
 
 Only the checkpoint's model section is read: a run whose config has keys this version does not know

@@ -166,6 +166,7 @@ class SwinTransformer(nn.Module):
     def __init__(self, cfg: SwinConfig):
         super().__init__()
         self.cfg = cfg
+        self.id2label: Optional[dict[int, str]] = None  # class names, where the weights came with them
         n = len(cfg.depths)
         self.num_features = cfg.embed_dim * 2 ** (n - 1)
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,

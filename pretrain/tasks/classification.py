@@ -39,7 +39,7 @@ class Classification(Task):
     smoothed or soft-target cross-entropy; evaluation reports top-1/top-5 over the valid samples."""
 
     name = "classification"
-    export_layouts = ("ours", "timm", "official")
+    export_layouts = ("ours", "timm", "official", "transformers")
 
     @classmethod
     def build_model(cls, model: ModelSection, settings: Mapping[str, Any]) -> torch.nn.Module:

@@ -21,7 +21,7 @@ class MaskedImageModeling(Task):
     masked squares, over the visible input)."""
 
     name = "simmim"
-    export_layouts = ("ours", "official", "encoder")  # encoder: the backbone alone, timm's layout
+    export_layouts = ("ours", "official", "encoder", "transformers")  # encoder: the backbone alone, timm's layout
     SHOWN = 4  # validation images in the picture
 
     @classmethod

@@ -17,12 +17,11 @@ from ..models.simmim import SimMIM
 from ..models.simmim import to_official as simmim_to_official
 from ..models.swin import SwinTransformer, to_official
 from .load import LoadReport, load_pretrained
+from . import hub
 from .read import OURS_FORMAT, Source, config_from_checkpoint, pretrained_windows_of
 
-LAYOUTS = ("ours", "timm", "official")
-
-
-SIMMIM_LAYOUTS = ("ours", "official", "encoder")  # a SimMIM model's
+LAYOUTS = ("ours", "timm", "official", "transformers")
+SIMMIM_LAYOUTS = ("ours", "official", "encoder", "transformers")  # a SimMIM model's
 
 
 def model_layouts(model: Union[SwinTransformer, SimMIM]) -> tuple[str, ...]:
@@ -42,7 +41,13 @@ def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`.
     A SimMIM model exports as "ours" (with its settings), "official" (the official SimMIM state dict) or
     "encoder" (the encoder alone in timm's layout: a backbone for fine-tuning or timm).
+    "transformers": `path` is a folder (config.json, model.safetensors in the hub's keys, the image processor's
+    preprocessor_config.json) that transformers' `from_pretrained` loads: Swin(v2)ForImageClassification, or
+    Swin(v2)Model without a classifier, or Swin(v2)ForMaskedImageModeling for SimMIM; the class names of a model
+    loaded from such a folder (`id2label`) are written back.
     """
+    if layout == "transformers":
+        return _export_hub(model, path)
     if isinstance(model, SimMIM):
         return _export_simmim(model, path, layout)
     if layout not in LAYOUTS:
@@ -69,6 +74,25 @@ def _export_simmim(model: SimMIM, path: str, layout: str) -> str:
     return _write(path, sd, layout, model.config_dict())
 
 
+def _export_hub(model: Union[SwinTransformer, SimMIM], folder: str) -> str:
+    mim = isinstance(model, SimMIM)
+    encoder = model.encoder if mim else model
+    c = encoder.cfg
+    if c.version == 2 and c.ape:
+        raise CheckpointError("transformers' Swin V2 with absolute position embeddings stores one position more "
+                              "than the patches: export this model with layout='ours' or 'official'")
+    family = "Swinv2" if c.version == 2 else "Swin"
+    arch = (f"{family}ForMaskedImageModeling" if mim else f"{family}ForImageClassification" if c.num_classes
+            else f"{family}Model")
+    try:
+        sd = _to_cpu(simmim_to_official(model) if mim else to_official(model))
+    except ValueError as e:  # a non-square window
+        raise CheckpointError(str(e)) from None
+    stride = c.patch_size * 2 ** (len(c.depths) - 1)  # the SimMIM decoder's (and transformers' encoder_stride)
+    config = hub.hub_config(c.to_dict(), arch, getattr(encoder, "id2label", None), encoder_stride=stride)
+    return hub.write_folder(str(folder), hub.to_hub(sd, c.version), config, c.img_size[0])
+
+
 def _write(path: str, sd: dict, layout: str, config: dict) -> str:
     as_safetensors = str(path).endswith(".safetensors")
     if layout == "ours":
@@ -88,11 +112,14 @@ def _write(path: str, sd: dict, layout: str, config: dict) -> str:
 
 def export_layouts(model: Union[SwinTransformer, SimMIM], stem: str, layouts: Optional[tuple[str, ...]] = None
                    ) -> list[str]:
-    """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape)."""
+    """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape), `stem.transformers/`
+    (a folder) for the transformers layout (not for a Swin V2 with ape)."""
     layouts = layouts or model_layouts(model)
-    ape = (model.encoder if isinstance(model, SimMIM) else model).cfg.ape
-    return [export(model, f"{stem}.{layout}.safetensors", layout=layout) for layout in layouts
-            if not (layout in ("timm", "encoder") and ape)]
+    c = (model.encoder if isinstance(model, SimMIM) else model).cfg
+    skip = {"timm", "encoder"} if c.ape else set()
+    skip |= {"transformers"} if c.ape and c.version == 2 else set()
+    return [export(model, f"{stem}.{layout}" + ("" if layout == "transformers" else ".safetensors"), layout=layout)
+            for layout in layouts if layout not in skip]
 
 
 def convert_checkpoint(src: Source, dst: str, layout: str, *, img_size=None, window_size: Optional[int] = None,

@@ -205,6 +205,10 @@ def load_pretrained(model: Union[SwinTransformer, SimMIM], source: Source, *, st
         _load_simmim_parts(model, extra, name, strict, report)
     elif extra:
         report.dropped.append(f"the SimMIM parts {', '.join(sorted(extra, key=_natural_key))} (pretraining only)")
+    labels = meta.get("id2label")
+    if labels and len(labels) == encoder.num_classes and not any(x.startswith("head.fc") for x in report.reinitialized):
+        encoder.id2label = dict(labels)  # the class names travel on (export layout="transformers" writes them)
+        report.notes.append(f"id2label: {len(labels)} class names kept (e.g. {labels[min(labels)]!r})")
     return report
 
 
@@ -241,11 +245,11 @@ def _load_encoder(model: SwinTransformer, sd: dict, meta: dict, name: str, stric
     report = LoadReport(name, layout)
     if mine == 2:
         _note_cpb(report, model, sd, meta)
-    if layout == "official":
+    if layout in ("official", "transformers"):  # a transformers checkpoint was read into the official keys
         n_buffers = sum(k.endswith(BUFFER_SUFFIXES) for k in sd)
         sd = from_official(sd)
-        report.converted.append("official -> our key layout (patch merging moved to the next stage, "
-                                "head -> head.fc)")
+        report.converted.append(f"{layout} -> our key layout (patch merging moved to the next stage, "
+                                f"{'q/k/v joined, classifier' if layout == 'transformers' else 'head'} -> head.fc)")
         if n_buffers:
             report.dropped.append(f"{n_buffers} relative_position_index/attn_mask buffers (rebuilt by the model)")
     else:

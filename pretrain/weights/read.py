@@ -1,5 +1,6 @@
-"""Reading a checkpoint in any of its formats (safetensors, torch.save; path, fsspec URL or state dict) and
-telling its layout: official, timm or ours, a Swin or a SimMIM one."""
+"""Reading a checkpoint in any of its formats (safetensors, torch.save; path, fsspec URL, state dict, a
+transformers model folder or `hf://ORG/NAME`) and telling its layout: official, timm, ours or transformers, a Swin
+or a SimMIM one."""
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ from ..io import read_bytes
 from ..models.shapes import family, infer_config, trained_windows
 from ..models.simmim import is_simmim_state, split_state
 from ..models.swin import BUFFER_SUFFIXES, SwinConfig, from_official
+from . import hub
 
 OURS_FORMAT = "swin-pretrain/1"
 
@@ -43,11 +45,14 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
     """
     name = "<state dict>" if isinstance(source, Mapping) else str(source)
     meta: dict[str, Any] = {}
+    folder = None if isinstance(source, Mapping) else hub.resolve_source(name)
+    if folder is not None:  # a transformers model folder (or a hub id): its weights file, its config.json below
+        source = hub.weights_file(folder, allow_pickle)
     if isinstance(source, Mapping):
         obj: Any = source
     else:
         try:
-            data = read_bytes(name)
+            data = read_bytes(str(source))
         except ImportError as e:  # fsspec's protocol needs a package that is not installed
             raise CheckpointError(f"{name}: reading {name.split('://')[0]}:// URLs needs the package "
                                   f"{e.name or e}: pip install 'fsspec[{name.split('://')[0].rstrip('s')}]'") from None
@@ -91,10 +96,45 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
             raise CheckpointError(f"{name}: entry {k!r} is a {type(v).__name__}, not a tensor")
         k = k[len("module."):] if k.startswith("module.") else k
         sd[k.replace(".rpe_mlp.", ".cpb_mlp.")] = v  # the V2 CPB MLP's older name, read as the official loaders do
+    if hub.is_hub_state(sd) or folder is not None:
+        return _from_hub(sd, name, folder or os.path.dirname(str(source)))
     if not any(".blocks." in k for k in sd):
         raise CheckpointError(f"{name}: no 'layers.*.blocks.*' keys: not a Swin checkpoint "
                               f"(first keys: {list(sd)[:5]})")
     return sd, _our_config(meta, name)
+
+
+def _from_hub(sd: dict[str, torch.Tensor], name: str, folder: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A transformers checkpoint in the official layout, with its config.json (where the folder has one) as
+    our architecture, checked against the tensors; `id2label` kept."""
+    official = hub.from_hub(sd)
+    meta: dict[str, Any] = {"format": "transformers"}
+    if folder and os.path.exists(os.path.join(folder, hub.CONFIG)):
+        config = hub.read_hub_config(folder)
+        meta["config"] = hub.swin_config(config, os.path.join(folder, hub.CONFIG))
+        labels = config.get("id2label") or {}
+        if meta["config"]["num_classes"] and labels:
+            meta["id2label"] = {int(i): c for i, c in labels.items()}
+        _check_against_tensors(official, meta["config"], os.path.join(folder, hub.CONFIG))
+    return official, meta
+
+
+def _check_against_tensors(official: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str) -> None:
+    """config.json must describe the tensors: one line naming the key, what config.json says and what the
+    tensors hold (a window the bias tables don't hold, a depth, a width, a class count)."""
+    encoder = split_state(official)[0] if is_simmim_state(official) else official
+    try:
+        found = infer_config(from_official(encoder), windows_from=encoder)
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{where}: the tensors beside it are not a whole Swin ({type(e).__name__}: {e})") from None
+    said = {**config, "depths": tuple(config["depths"]), "num_heads": tuple(config["num_heads"])}
+    keys = ["embed_dim", "depths", "num_heads", "patch_size", "in_chans", "mlp_ratio", "qkv_bias", "ape", "version"]
+    keys += ["num_classes"] if not is_simmim_state(official) else []
+    keys += ["window_size"] if found.get("window_size") else []  # V2 tensors hold no window (no buffers)
+    for key in keys:
+        if key in found and found[key] != said[key]:
+            raise CheckpointError(f"{where}: {key} is {said[key]!r} in config.json but {found[key]!r} in the tensors "
+                                  "beside it: the folder mixes two models; fix config.json or the weights")
 
 
 def _reason(e: Exception) -> str:
@@ -127,8 +167,9 @@ def _our_config(meta: dict, name: str) -> dict:
 
 
 def detect_layout(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    if (meta or {}).get("format") == OURS_FORMAT:
-        return "ours"
+    """ours, transformers (read into the official key layout), official or timm."""
+    if (meta or {}).get("format") in (OURS_FORMAT, "transformers"):
+        return "ours" if meta["format"] == OURS_FORMAT else "transformers"
     if ("layers.0.downsample.reduction.weight" in sd or "head.weight" in sd
             or any(k.endswith(BUFFER_SUFFIXES) for k in sd)):
         return "official"
@@ -145,7 +186,7 @@ def config_from_checkpoint(source: Source, *, allow_pickle: bool = False,
     if is_simmim_state(sd):  # a SimMIM checkpoint: its encoder's architecture
         sd = split_state(sd)[0]
     raw = sd
-    if detect_layout(sd, meta) == "official":
+    if detect_layout(sd, meta) in ("official", "transformers"):
         sd = from_official(sd)
     cfg = infer_config(sd, windows_from=raw)
     cfg["window_size"] = cfg["window_size"] or window_size
