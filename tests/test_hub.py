@@ -62,6 +62,19 @@ def test_a_transformers_classifier_loads_into_ours_and_ours_exports_back(hf, tmp
     assert pixels.shape == (1, 3, 32, 32)  # the model's resolution
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_bare_transformers_model_loads_into_a_headless_classifier(hf, tmp_path, version):
+    """Swin(v2)Model, which transformers saves without its `swin.` prefix: the pooled features are ours."""
+    Config, Model = (hf.SwinConfig, hf.SwinModel) if version == 1 else (hf.Swinv2Config, hf.Swinv2Model)
+    theirs = randomized(Model(Config(**ARCH)))
+    theirs.save_pretrained(tmp_path / "hub")
+    ours = SwinTransformer(config_from_checkpoint(str(tmp_path / "hub"))).eval()
+    assert ours.num_classes == 0 and load_pretrained(ours, str(tmp_path / "hub")).layout == "transformers"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(pixel_values=x).pooler_output, atol=1e-4, rtol=0)
+
+
 def test_our_v1_and_v2_models_of_any_shape_load_in_transformers(hf, tmp_path):
     """Ours -> transformers for models built here (a V2 with pretrained windows, a headless V1)."""
     x = torch.randn(1, 3, 64, 64)

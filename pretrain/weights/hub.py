@@ -39,7 +39,8 @@ _TOP = [("patch_embed.proj.", "embeddings.patch_embeddings.projection."), ("patc
 
 
 def is_hub_state(sd: Mapping[str, torch.Tensor]) -> bool:
-    return any(k.split(".", 1)[0] in PREFIXES for k in sd)
+    """Hub keys: under `swin.` / `swinv2.`, or a bare Swin(v2)Model's, which transformers saves unprefixed."""
+    return any(k.split(".", 1)[0] in PREFIXES or k.startswith("embeddings.patch_embeddings.") for k in sd)
 
 
 def _rename(key: str, pairs: list[tuple[str, str]], to_hub: bool) -> Optional[str]:
@@ -53,7 +54,7 @@ def _rename(key: str, pairs: list[tuple[str, str]], to_hub: bool) -> Optional[st
 def from_hub(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hub keys -> the official layout (a SimMIM model: `encoder.` + official keys, `encoder.mask_token`,
     `decoder.0.*`), as the official code's checkpoints hold them."""
-    prefix = next(k.split(".", 1)[0] for k in sd if k.split(".", 1)[0] in PREFIXES)
+    prefix = next((k.split(".", 1)[0] + "." for k in sd if k.split(".", 1)[0] in PREFIXES), "")  # "": a bare model
     mim = any(k.startswith("decoder.") for k in sd)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> query/key/value
@@ -64,10 +65,10 @@ def from_hub(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k.startswith("decoder."):
             out[k] = v
             continue
-        if not k.startswith(prefix + "."):
-            raise CheckpointError(f"{k}: neither {prefix}.*, classifier.* nor decoder.*: not a transformers Swin "
+        if not k.startswith(prefix):
+            raise CheckpointError(f"{k}: neither {prefix}*, classifier.* nor decoder.*: not a transformers Swin "
                                   "checkpoint (or a model this project has no map for)")
-        rest = k[len(prefix) + 1:]
+        rest = k[len(prefix):]
         m = re.match(r"encoder\.layers\.(\d+)\.(blocks\.\d+\.)?(.*)", rest)
         if rest == "embeddings.mask_token":
             name = "mask_token"
