@@ -4,15 +4,14 @@ weights, saved with `save_pretrained`; loaded back with `from_pretrained`): the 
 timm -> transformers; a config.json that disagrees with its tensors refused."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from pretrain.models import SimMIM, SwinTransformer, build_model, build_simmim
-from pretrain.weights import config_from_checkpoint, convert_checkpoint, export, load_pretrained
+from pretrain.models import SimMIM, SwinTransformer, build_model
+from pretrain.weights import config_from_checkpoint, export, load_pretrained
 
 from conftest import REPO, TINY, finetune_config, need
 
