@@ -151,8 +151,10 @@ def test_demo_v2_pretrained_at_window_4_fine_tunes_at_window_6(tmp_path):
     assert "continuous position bias evaluated at window 6, coordinates normalised by windows (4, 4)" in r.stdout
     m = re.search(r"fine-tuned   top-1 ([\d.]+)%", r.stdout)
     assert m and float(m[1]) >= 20.0, r.stdout[-2000:]  # 10 classes: chance is 10%
-    exported = sorted(p.name.split(".")[-2] for p in (out / "swinv2_tiny_cpu_ft" / "export").glob("finetuned.*"))
-    assert exported == ["official", "ours", "timm"]
+    export = out / "swinv2_tiny_cpu_ft" / "export"
+    exported = sorted(p.name.split(".")[1] for p in export.glob("finetuned.*"))
+    assert exported == ["official", "ours", "timm", "transformers"]  # transformers: a folder
+    assert json.loads((export / "finetuned.transformers" / "config.json").read_text())["model_type"] == "swinv2"
     cfg = json.loads((out / "swinv2_tiny_cpu_ft" / "config.json").read_text())
     assert cfg["model"]["pretrained_window_sizes"] == [4, 4]
 
