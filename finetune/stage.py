@@ -9,7 +9,8 @@ import torch
 from pretrain.cli import print0
 from pretrain.config import ConfigError
 from pretrain.models import config_from_section, model_from_section
-from pretrain.runs import is_run_folder, latest_or_fail, load_run_weights, read_config, read_state, resolve_tag
+from pretrain.runs import (is_run_folder, latest_or_fail, load_run_weights, read_saved_config, read_state,
+                           resolve_tag)
 from pretrain.training import Stage, Trainer, evaluate_weights
 from pretrain.weights import export_layouts, load_pretrained, pretrained_windows_of, stage_windows
 
@@ -33,7 +34,7 @@ def derive_pretrained_windows(cfg: FinetuneConfig, source: str = "") -> None:
         return
     if "://" not in source and is_run_folder(source):
         ckpt_dir, tag = resolve_tag(source)
-        c = config_from_section(read_config(os.path.join(ckpt_dir, tag), warn=print0).model)
+        c = config_from_section(read_saved_config(os.path.join(ckpt_dir, tag), warn=print0).model)
         windows, where = c.pretrained_window_sizes or stage_windows(c), f"{ckpt_dir}/{tag}/config.json"
     else:
         windows, where = pretrained_windows_of(source, allow_pickle=cfg.finetune.allow_pickle), source

@@ -84,7 +84,7 @@ CONFIG = "config.json"
 
 
 def write_config(folder: str, config: dict | str) -> str:
-    """A run's (or a tag's) config.json, written atomically: the one writer of the file `read_config` reads."""
+    """A run's (or a tag's) config.json, written atomically: the one writer of what `read_saved_config` reads."""
     text = config if isinstance(config, str) else json.dumps(config, indent=1)
     path = os.path.join(folder, CONFIG)
     write_bytes_atomic(path, text.encode())
@@ -102,7 +102,8 @@ class SavedConfig:
     raw: dict[str, Any] = field(default_factory=dict)
 
 
-def read_config(path: str, warn: Callable[[str], None] = print, require_model: bool = True) -> SavedConfig:
+def read_saved_config(path: str, warn: Callable[[str], None] = print,
+                      require_model: bool = True) -> SavedConfig:
     """`path`: a config.json, or the folder (run dir or tag) holding one. Model keys this version does not
     know (a newer or older run) are left out with a warning naming them, so such a run still exports.
     `require_model=False`: a config without a model section reads too (model None), for its other keys."""
@@ -206,7 +207,7 @@ def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
     saved = os.path.join(run_dir, CONFIG)
     if os.path.exists(saved):
         try:
-            dirs.append(read_config(saved, warn=lambda _: None, require_model=False).checkpoint_dir)
+            dirs.append(read_saved_config(saved, warn=lambda _: None, require_model=False).checkpoint_dir)
         except (DamagedCheckpointError, ConfigError):
             pass  # unreadable: the checkpoint dir check below still holds
     for d in dict.fromkeys(dirs):
@@ -286,7 +287,7 @@ def check_same_architecture(config: dict, saved_config: str) -> None:
     30 lines of mismatches); name what changed instead. `config`: the resuming run's config (as saved)."""
     if not os.path.exists(saved_config):
         return
-    saved = read_config(saved_config, warn=lambda _: None)
+    saved = read_saved_config(saved_config, warn=lambda _: None)
     task = config.get("task") or "classification"
     if saved.task != task:
         raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the run was saved with task "

@@ -4,8 +4,9 @@
                                         [--num-classes K] [--reset-head] [--allow-pickle]
                                         [--pretrained-window-sizes W W W W]
 
-SRC is any layout of Swin or Swin V2 (detected: a file, URL, transformers folder or hf://ORG/NAME); DST's extension
-picks the file format (.safetensors or torch.save), a folder for --layout transformers. V1 bias tables are resized to a new window; a V2 model keeps its CPB MLP, evaluated at the new
+SRC is any layout of Swin or Swin V2 (detected: a file, URL, transformers folder or hf://ORG/NAME); DST's
+extension picks the file format (.safetensors or torch.save), a folder for --layout transformers. V1 bias
+tables are resized to a new window; a V2 model keeps its CPB MLP, evaluated at the new
 window with the checkpoint's pretrained windows (read off it, or --pretrained-window-sizes).
 """
 from __future__ import annotations

@@ -28,7 +28,8 @@ def demo(out: str) -> int:
     torch.manual_seed(0)
     src = export(build_model("swin_tiny", num_classes=21841), f"{out}/swin_tiny_22k_official.pth", "official")
     dst = f"{out}/swin_tiny_384_w12_1k.safetensors"
-    print(f"$ python -m pretrain.cli.convert {src} {dst} --layout timm --img-size 384 --window-size 12 --num-classes 1000")
+    print(f"$ python -m pretrain.cli.convert {src} {dst} --layout timm --img-size 384 --window-size 12 "
+          "--num-classes 1000")
     _, report = convert_checkpoint(src, dst, "timm", img_size=[384], window_size=12, num_classes=1000)
     print(report)
     ours = build_model("swin_tiny", img_size=384, window_size=12, num_classes=1000).eval()

@@ -21,7 +21,7 @@ Forward = Callable[..., torch.Tensor]  # the model's forward through the backend
 
 class Task:
     name = ""
-    export_layouts: tuple[str, ...] = ()  # what a run of this task exports (pretrain.weights: python -m pretrain.cli.release)
+    export_layouts: tuple[str, ...] = ()  # what a run of this task exports (python -m pretrain.cli.release)
 
     # ---- what the rest of the library asks of the objective (class-level: no instance, no device needed)
     @classmethod

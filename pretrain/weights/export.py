@@ -152,7 +152,7 @@ def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = No
     Only the checkpoint's model section is read: a run with keys this version does not know still exports."""
     from ..tasks import task_class  # imported on use: the tasks bring the data transforms (timm, torchvision)
     ckpt_dir, tag = runs.resolve_tag(path, tag)
-    saved = runs.read_config(os.path.join(ckpt_dir, tag), warn=warn)
+    saved = runs.read_saved_config(os.path.join(ckpt_dir, tag), warn=warn)
     task = task_class(saved.task)
     model = task.build_model(saved.model, saved.task_settings)
     model.load_state_dict(runs.load_run_weights(ckpt_dir, tag), strict=True)

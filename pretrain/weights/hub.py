@@ -22,7 +22,8 @@ import torch
 from ..errors import CheckpointError
 from ..io import write_bytes_atomic
 
-CONFIG, WEIGHTS, PICKLED, PROCESSOR = "config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json"
+CONFIG, WEIGHTS, PICKLED = "config.json", "model.safetensors", "pytorch_model.bin"
+PROCESSOR = "preprocessor_config.json"
 PREFIXES = {"swin": 1, "swinv2": 2}  # the hub's model prefix (= model_type) -> Swin version
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

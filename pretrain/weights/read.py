@@ -126,7 +126,8 @@ def _check_against_tensors(official: Mapping[str, torch.Tensor], config: Mapping
     try:
         found = infer_config(from_official(encoder), windows_from=encoder)
     except (KeyError, IndexError, ValueError) as e:
-        raise CheckpointError(f"{where}: the tensors beside it are not a whole Swin ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{where}: the tensors beside it are not a whole Swin "
+                              f"({type(e).__name__}: {e})") from None
     said = {**config, "depths": tuple(config["depths"]), "num_heads": tuple(config["num_heads"])}
     keys = ["embed_dim", "depths", "num_heads", "patch_size", "in_chans", "mlp_ratio", "qkv_bias", "ape", "version"]
     keys += ["num_classes"] if not is_simmim_state(official) else []
