@@ -60,10 +60,12 @@ def missing_inputs(cfg: FinetuneConfig, eval_only: bool, resuming: bool) -> list
 def with_flags(cfg: FinetuneConfig, res: Optional[int], window: Optional[int], pretrained: Optional[str],
                data: Optional[str], num_classes: Optional[int], epochs: Optional[int], batch_size: Optional[int],
                output: Optional[str]) -> FinetuneConfig:
-    if res:
+    """The flags given (None: not given) over the config; a value out of range (--window 0, --epochs 0) is
+    refused by `revalidate` naming the key it sets, never replaced by a default."""
+    if res is not None:
         cfg.model.img_size = cfg.aug.img_size = res
-        cfg.model.window_size = window or max(1, res // 32)
-    elif window:
+        cfg.model.window_size = window if window is not None else max(1, res // 32)
+    elif window is not None:
         cfg.model.window_size = window
     if pretrained:
         cfg.finetune.pretrained = pretrained
@@ -71,9 +73,9 @@ def with_flags(cfg: FinetuneConfig, res: Optional[int], window: Optional[int], p
         cfg.data.train = cfg.data.val = data  # a manifest, or the folder holding _info.json / info.json
     if num_classes is not None:
         cfg.model.num_classes = num_classes
-    if epochs:
+    if epochs is not None:
         cfg.optim.epochs = epochs
-    if batch_size:
+    if batch_size is not None:
         cfg.optim.global_batch = batch_size
         cfg.optim.micro_batch = min(cfg.optim.micro_batch, batch_size)
     if output:

@@ -2,6 +2,7 @@
 against them when it is read (pretrain.config), and a model is built from them (pretrain.models.swin)."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 VARIANTS: dict[str, dict] = {
@@ -48,4 +49,9 @@ def mask_problem(img_size: int, mask_patch_size: int, patch_size: int, mask_rati
                 f"{patch_size}: masks are whole patches")
     if not 0 < mask_ratio < 1:
         return f"{prefix}mask_ratio={mask_ratio} must be in (0, 1) (the recipe: 0.6)"
+    squares = (img_size // mask_patch_size) ** 2
+    if math.ceil(squares * mask_ratio) >= squares:  # MaskGenerator masks ceil(ratio * squares) of them
+        return (f"{prefix}mask_ratio={mask_ratio} masks all {squares} squares of {mask_patch_size} px at "
+                f"{img_size} px (ceil({mask_ratio} x {squares}) = {squares}): nothing visible is left to "
+                f"reconstruct from; lower {prefix}mask_ratio or use smaller {prefix}mask_patch_size")
     return ""

@@ -168,7 +168,8 @@ class SimMIMSection:
     """Masked image modelling (task simmim): the official SimMIM recipe's defaults."""
     mask_patch_size: int = opt(32, "side of a masked square in pixels: divides model.img_size, a multiple of the "
                                    "patch size (4)")
-    mask_ratio: float = opt(0.6, "share of the mask squares masked, in (0, 1): ceil(ratio * squares) per image")
+    mask_ratio: float = opt(0.6, "share of the mask squares masked, in (0, 1): ceil(ratio * squares) per image, "
+                                 "fewer than all of them")
     norm_target_patch: int = opt(0, "reconstruct pixels normalized by their local mean and std over this odd "
                                     "window (the V2 recipe: 47); 0: raw normalized pixels (the V1 recipe)")
     crop_scale: list[float] = opt([0.67, 1.0], "RandomResizedCrop area range (the SimMIM transform: crop, flip)")

@@ -293,3 +293,67 @@ def test_read_only_run_dir_and_full_disk_are_one_line_errors(mounted):
     line = user_error(e.value)
     assert line is not None and "no space left on the device" in line and "ENOSPC" in line
     assert not (full / "ckpt.bin").exists()  # nothing written half: the temp file never became the name
+
+
+# ------------------------------------------------------------ issue 35 (the third probe): requests honoured or refused
+
+def _one_line(capsys, rc: int, needle: str) -> None:
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_a_flag_out_of_range_is_refused_not_replaced_by_a_default(capsys):
+    """`--window 0` used to become res/32 without a word; `--epochs 0` the config's epochs."""
+    from finetune.run import main
+    _one_line(capsys, main(["--res", "96", "--window", "0"]), "model.window_size must be >= 1, got 0")
+    _one_line(capsys, main(["--res", "96", "--epochs", "0"]), "optim.epochs must be >= 1, got 0")
+
+
+@pytest.mark.parametrize("size,square,ratio", [(32, 32, 0.6), (32, 16, 0.9)])
+def test_a_mask_ratio_that_masks_every_square_is_refused(size, square, ratio):
+    """ceil(ratio x squares) = every square: the model would reconstruct from nothing."""
+    with pytest.raises(ConfigError, match=rf"simmim.mask_ratio={ratio} masks all \d+ squares of {square} px"):
+        load_config(None, ["task=simmim", f"model.img_size={size}", f"simmim.mask_patch_size={square}",
+                           f"simmim.mask_ratio={ratio}"])
+    assert load_config(None, ["task=simmim", "model.img_size=32", "simmim.mask_patch_size=16",
+                              "simmim.mask_ratio=0.7"]).simmim.mask_ratio == 0.7  # 3 of 4 squares: fine
+
+
+def _run_of(tmp_path: Path, name: str, cfg, model: torch.nn.Module) -> Path:
+    """A run dir with one complete tag holding `model`'s weights, as the accelerate backend writes it."""
+    tag = tmp_path / name / "checkpoints" / "step00000002"
+    tag.mkdir(parents=True)
+    ckpt.write_state(str(tag / "model.safetensors"), model.state_dict())
+    ckpt.mark_complete(str(tag.parent), tag.name, json.dumps(cfg.to_dict()))
+    return tmp_path / name
+
+
+def test_an_export_layout_the_run_cannot_write_is_refused_in_one_line(capsys, tmp_path):
+    """A SimMIM run asked for timm's layout used to write its other three; a classifier asked for `encoder`
+    raised a traceback; an ape model asked for timm's wrote nothing. All exit 0 before."""
+    from pretrain.cli import release
+    from pretrain.tasks import task_class
+    sets = ["backend=accelerate", "optim.zero_stage=null"]
+    mim = load_config(str(REPO / "configs/simmim_tiny_cpu.json"), sets)
+    clf = load_config(CPU_CONFIG, sets)
+    ape = load_config(CPU_CONFIG, [*sets, "model.ape=true"])
+    runs = {n: _run_of(tmp_path, n, c, task_class(c.task).model_for(c)) for n, c in
+            (("mim", mim), ("clf", clf), ("ape", ape))}
+    _one_line(capsys, release.main([str(runs["mim"]), "--layouts", "timm"]),
+              "--layouts timm: a simmim run exports ours, official, encoder, transformers")
+    _one_line(capsys, release.main([str(runs["clf"]), "--layouts", "encoder", "ours"]),
+              "--layouts encoder: a classification run exports ours, timm, official, transformers")
+    _one_line(capsys, release.main([str(runs["ape"]), "--layouts", "timm"]),
+              "--layouts timm: this model has absolute position embeddings")
+    assert not any(p.name == "export" for r in runs.values() for p in r.iterdir())  # nothing written half
+    assert release.main([str(runs["mim"]), "--layouts", "encoder"]) == 0
+
+
+def test_verify_takes_the_manifest_itself(tmp_path, capsys):
+    """`make_shards verify DIR/_info.json` used to raise NotADirectoryError; it checks DIR's shards."""
+    from pretrain.cli import make_shards
+    make_image_folder(str(tmp_path / "imgs"), num_classes=2, per_class=4, size=(32, 32))
+    write_shards(WriteOptions(str(tmp_path / "imgs"), str(tmp_path / "s"), val_per_class=1, samples_per_shard=3),
+                 progress=False)
+    assert make_shards.main(["verify", str(tmp_path / "s" / "_info.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["bad_shards"] == []

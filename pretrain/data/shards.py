@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import random
 import tarfile
 import time
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..io import read_bytes, write_bytes_atomic
 from .loader import IMAGE_KEYS, iter_samples, mp_context
-from .manifest import DataError, find_manifest, read_manifest
+from .manifest import MANIFEST_NAMES, DataError, find_manifest, read_manifest
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()), ("label", pa.int32()),
@@ -490,6 +491,8 @@ def verify_shards(out: str) -> dict:
     """Check every shard against the manifest (`_info.json`, else `info.json`): readable, complete, decodable,
     labelled. A split with `alt_label` counts only the samples whose json label is >= 0, as the loader reads
     it; a shard file listed by several splits (the public set's `train` and `train_12k`) is decoded once."""
+    if posixpath.basename(out.rstrip("/")) in MANIFEST_NAMES:  # the manifest itself: its folder holds the shards
+        out = posixpath.dirname(out.rstrip("/")) or "."
     info = read_manifest(find_manifest(out) or _join(out, "_info.json"))
     bad: list[dict] = []
     checked, decoded = 0, set()

@@ -114,12 +114,14 @@ def export_layouts(model: Union[SwinTransformer, SimMIM], stem: str, layouts: Op
                    ) -> list[str]:
     """`stem.<layout>.safetensors` for each layout the model has (timm's Swin has no ape), `stem.transformers/`
     (a folder) for the transformers layout (not for a Swin V2 with ape)."""
-    layouts = layouts or model_layouts(model)
     c = (model.encoder if isinstance(model, SimMIM) else model).cfg
     skip = {"timm", "encoder"} if c.ape else set()
     skip |= {"transformers"} if c.ape and c.version == 2 else set()
+    if layouts and skip & set(layouts):  # asked for by name: refused, not silently left out
+        raise CheckpointError(f"--layouts {' '.join(sorted(skip & set(layouts)))}: this model has absolute position "
+                              "embeddings (model.ape), which that layout can't hold; use ours or official")
     return [export(model, f"{stem}.{layout}" + ("" if layout == "transformers" else ".safetensors"), layout=layout)
-            for layout in layouts if layout not in skip]
+            for layout in layouts or model_layouts(model) if layout not in skip]
 
 
 def convert_checkpoint(src: Source, dst: str, layout: str, *, img_size=None, window_size: Optional[int] = None,
@@ -159,5 +161,8 @@ def export_run(path: str, out_dir: Optional[str] = None, tag: Optional[str] = No
     out_dir = out_dir or os.path.join(os.path.dirname(ckpt_dir.rstrip("/")), "export")
     c = model.cfg
     stem = f"{saved.model.variant}_{c.img_size[0]}_w{c.window_size}_{task.export_name(model)}_{tag}"
-    layouts = tuple(x for x in layouts if x in task.export_layouts) if layouts is not None else ()
+    other = [x for x in layouts or () if x not in task.export_layouts]
+    if other:  # every layout asked for is written, or the run says no (never another layout instead)
+        raise CheckpointError(f"--layouts {' '.join(other)}: a {saved.task} run exports "
+                              f"{', '.join(task.export_layouts)}; ask for those")
     return export_layouts(model, os.path.join(out_dir, stem), layouts or task.export_layouts)
