@@ -98,7 +98,7 @@ class SavedConfig:
     model: Optional[ModelSection]  # None only where read with require_model=False
     task: str = "classification"
     task_settings: dict[str, Any] = field(default_factory=dict)  # the section named after the task, if any
-    checkpoint_dir: Optional[str] = None  # where that run kept its checkpoints
+    checkpoint_dir: Optional[str] = None  # its checkpoint.dir if set, else checkpoints/ beside the config.json
     raw: dict[str, Any] = field(default_factory=dict)
 
 
@@ -130,9 +130,10 @@ def read_saved_config(path: str, warn: Callable[[str], None] = print,
     task = raw.get("task") or "classification"
     settings = raw.get(task)
     ckpt = raw.get("checkpoint") if isinstance(raw.get("checkpoint"), dict) else {}
+    # A run dir is what it holds: a copy (cp -a) keeps the original's run_dir in its config.json, so only an
+    # explicit checkpoint.dir is taken from there.
     return SavedConfig(path, section, task, settings if isinstance(settings, dict) else {},
-                       ckpt.get("dir") or os.path.join(raw.get("run_dir") or os.path.dirname(path), "checkpoints"),
-                       raw)
+                       ckpt.get("dir") or os.path.join(os.path.dirname(path), "checkpoints"), raw)
 
 
 def mark_complete(ckpt_dir: str, tag: str, config_json: str) -> None:
@@ -168,9 +169,13 @@ class DamagedCheckpointError(UserError, RuntimeError):
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:
+    """The newest complete tag: the one `latest_complete` names, or, where that pointer is gone (deleted, a
+    partial copy), the newest tag marked COMPLETE (rank 0 writes a marker only after every rank finished its
+    tag, and before it moves the pointer)."""
     path = os.path.join(ckpt_dir, POINTER)
     if not os.path.exists(path):
-        return None
+        done = complete_tags(ckpt_dir)
+        return done[-1] if done else None
     tag = open(path).read().strip()
     if not os.path.exists(os.path.join(ckpt_dir, tag, MARKER)):
         done = complete_tags(ckpt_dir)
@@ -213,10 +218,12 @@ def refuse_existing_run(run_dir: str, ckpt_dir: str) -> None:
     for d in dict.fromkeys(dirs):
         tag = latest_tag(d) if os.path.isdir(d) else None
         if tag is not None:
+            inside = os.path.abspath(d).startswith(os.path.abspath(run_dir).rstrip("/") + "/")
             raise RunExistsError(
                 f"{run_dir} already holds a run (checkpoints in {d}, newest {tag}): continue it with "
-                f"--resume auto, start elsewhere with another run_dir (--set run_dir=... or --output), or delete "
-                f"{d} and {run_dir} to start over")
+                f"--resume auto, start elsewhere with another run_dir (--set run_dir=... or --output), or "
+                + (f"delete {run_dir} to start over" if inside else
+                   f"move its config.json away to start over (the checkpoints it names, {d}, are another folder's)"))
 
 
 class RunLockedError(UserError, RuntimeError):
@@ -377,6 +384,7 @@ def resolve_tag(path: str, tag: Optional[str] = None) -> tuple[str, str]:
     if step_of(os.path.basename(path)) >= 0 and os.path.isdir(path):
         require_complete(*os.path.split(path))
     for ckpt_dir in (path, os.path.join(path, "checkpoints")):
-        if os.path.exists(os.path.join(ckpt_dir, POINTER)):
-            return ckpt_dir, latest_tag(ckpt_dir)
+        found = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+        if found is not None:
+            return ckpt_dir, found
     raise FileNotFoundError(f"{path}: no complete checkpoint (no {POINTER} here or in {path}/checkpoints)")

@@ -129,3 +129,28 @@ def test_each_part_keeps_its_own_cadence(shards, tmp_path):
     e.every_steps = 0  # log.eval_every_steps 0: at each epoch's end only
     assert not e.should_run(5) and e.should_run(7, epoch_end=True)
     assert c.maybe_save(10, last=True) is None and c.maybe_save(9) is None  # neither due nor saved
+
+
+def test_a_copied_run_dir_is_its_own_run_and_a_lost_pointer_falls_back_to_the_newest_complete_tag(shards, tmp_path):
+    """Issue 35: `cp -a runs/ref runs/copy` (its config.json still names runs/ref) is refused for a fresh start
+    naming its own checkpoints, and resumes; with `latest_complete` gone, `--resume auto` and export take the
+    newest tag marked COMPLETE (written only once every rank finished it)."""
+    import shutil
+
+    from pretrain.weights import export_run
+    sections = dict(checkpoint={"every_steps": 2, "keep": 5})
+    Trainer(in_process_config(shards, tmp_path / "ref", optim={"max_steps": 4}, **sections)).fit()
+    shutil.copytree(tmp_path / "ref", tmp_path / "copy", symlinks=True)
+    copy = in_process_config(shards, tmp_path / "copy", optim={"max_steps": 6}, **sections)
+    with pytest.raises(RunExistsError) as e:
+        Trainer(copy)
+    said = str(e.value)
+    assert f"checkpoints in {tmp_path / 'copy' / 'checkpoints'}, newest step00000004" in said
+    assert str(tmp_path / "ref") not in said and f"delete {tmp_path / 'copy'}" in said
+    (tmp_path / "copy" / "checkpoints" / "latest_complete").unlink()
+    resumed = Trainer(copy, resume="auto")
+    assert resumed.state.step == 4
+    resumed.fit()
+    assert (tmp_path / "copy" / "checkpoints" / "latest_complete").read_text() == "step00000006"
+    (tmp_path / "ref" / "checkpoints" / "latest_complete").unlink()
+    assert all("step00000004" in p for p in export_run(str(tmp_path / "ref"), layouts=("ours",)))
