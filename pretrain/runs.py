@@ -295,7 +295,7 @@ def check_same_architecture(config: dict, saved_config: str) -> None:
     if not os.path.exists(saved_config):
         return
     saved = read_saved_config(saved_config, warn=lambda _: None)
-    task = config.get("task") or "classification"
+    task = config["task"]  # the resuming run's, as saved (to_dict)
     if saved.task != task:
         raise ConfigError(f"--resume {os.path.dirname(saved_config)}: the run was saved with task "
                           f"{saved.task!r}, this config says task={task!r}: resume with the saved task; to "

@@ -56,7 +56,7 @@ def from_hub(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Hub keys -> the official layout (a SimMIM model: `encoder.` + official keys, `encoder.mask_token`,
     `decoder.0.*`), as the official code's checkpoints hold them."""
     prefix = next((k.split(".", 1)[0] + "." for k in sd if k.split(".", 1)[0] in PREFIXES), "")  # "": a bare model
-    mim = any(k.startswith("decoder.") for k in sd)
+    encoder = "encoder." if any(k.startswith("decoder.") for k in sd) else ""  # a SimMIM model's
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # (block, weight|bias) -> query/key/value
     for k, v in sd.items():
@@ -84,17 +84,13 @@ def from_hub(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             name = f"layers.{m[1]}.{m[3]}"  # downsample: at the end of stage i, as the official layout
         else:
             name = _rename(rest, _TOP, to_hub=False) or rest
-        out[("encoder." if mim else "") + name] = v
+        out[encoder + name] = v
     for (block, what), parts in qkv.items():
-        if what == "weight":
-            out[("encoder." if mim else "") + block + "attn.qkv.weight"] = torch.cat(
-                [parts["query"], parts["key"], parts["value"]])
-        elif "key" in parts:  # V1: one qkv bias
-            out[("encoder." if mim else "") + block + "attn.qkv.bias"] = torch.cat(
-                [parts["query"], parts["key"], parts["value"]])
-        else:  # V2: q and v biases, no k bias
-            out[("encoder." if mim else "") + block + "attn.q_bias"] = parts["query"]
-            out[("encoder." if mim else "") + block + "attn.v_bias"] = parts["value"]
+        at = encoder + block + "attn."
+        if "key" in parts:  # the weight, and V1's one qkv bias
+            out[f"{at}qkv.{what}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+        else:  # V2's biases: q and v, no k
+            out[at + "q_bias"], out[at + "v_bias"] = parts["query"], parts["value"]
     return out
 
 
