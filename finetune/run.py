@@ -15,7 +15,7 @@ from typing import Optional
 from finetune.config import load_finetune_config, missing_inputs, revalidate, with_flags
 from pretrain import cli
 from pretrain.config import ConfigError
-
+from pretrain.errors import ALLOW_PICKLE, RESET_HEAD
 
 
 def parse(argv=None):
@@ -58,7 +58,8 @@ def main(argv: Optional[list[str]] = None, faults=None) -> int:
         if a.eval_only:
             return evaluate_only(cfg, bool(a.resume), a.allow_random_head)
         return Trainer(cfg, resume=a.resume, stage=finetune_stage(cfg), faults=faults).fit()
-    return cli.run(job)
+    return cli.run(job, spellings={ALLOW_PICKLE: "--set finetune.allow_pickle=true",
+                                   RESET_HEAD: "--set finetune.reset_head=true"})
 
 
 if __name__ == "__main__":

@@ -64,6 +64,22 @@ def worker_error_line(message: str) -> str:
     return message.splitlines()[-1] if WORKER_TRACEBACK_MARK in message else message
 
 
+# A collective whose peer process died: NCCL raises DistBackendError, gloo a RuntimeError with these words
+# (torch 2.14: "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [...]", "Connection reset by
+# peer", "Broken pipe", "Timed out waiting").
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
+             "NCCL communicator was aborted", "NCCL error", "Timed out waiting")
+
+
+def peer_stopped(e: BaseException) -> bool:
+    """A collective broke off because another rank stopped (its own error says why)."""
+    import torch.distributed as dist
+    if isinstance(e, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("gloo" in text or "NCCL" in text) and any(p in text for p in PEER_LOST)
+
+
 def _probe_torch() -> None:
     if not callable(getattr(torch, "_foreach_lerp_", None)):
         raise CompatError("torch._foreach_lerp_ is gone")

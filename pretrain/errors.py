@@ -14,6 +14,18 @@ class UserError(Exception):
     rank_local: bool = False
 
 
+# How the library names the options its messages suggest; each command line gives its own spelling of them
+# (cli.run(spellings=...)), so a hint names a real flag there and a Python argument to a library caller.
+ALLOW_PICKLE, RESET_HEAD = "allow_pickle=True", "reset_head=True"
+
+
+def spoken(message: str, spellings: dict[str, str]) -> str:
+    """`message` with each library option named as the caller's command line spells it."""
+    for option, flag in spellings.items():
+        message = message.replace(option, flag)
+    return message
+
+
 class CheckpointError(UserError, ValueError):
     """A checkpoint file that can't be read or isn't a Swin checkpoint."""
 

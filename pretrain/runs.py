@@ -20,6 +20,7 @@ import os
 import random
 import re
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -142,10 +143,44 @@ def mark_complete(ckpt_dir: str, tag: str, config_json: str) -> None:
     tell a tag that lost or truncated one rank's file from a whole one."""
     path = os.path.join(ckpt_dir, tag)
     write_config(path, config_json)
-    files = {os.path.relpath(os.path.join(d, f), path): os.path.getsize(os.path.join(d, f))
-             for d, _, names in os.walk(path) for f in names if not f.startswith(".")}
-    write_bytes_atomic(os.path.join(path, MARKER), json.dumps({"files": files}, sort_keys=True).encode())
+    rels = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names
+                  if not f.startswith("."))
+    files = {rel: os.path.getsize(os.path.join(path, rel)) for rel in rels}
+    crcs = {rel: crc32_of(os.path.join(path, rel)) for rel in rels}  # bit rot keeps the size
+    write_bytes_atomic(os.path.join(path, MARKER), json.dumps({"files": files, "crc32": crcs}, sort_keys=True).encode())
     write_bytes_atomic(os.path.join(ckpt_dir, POINTER), tag.encode())
+
+
+def crc32_of(path: str) -> str:
+    """A file's CRC-32 (zlib, in 16 MiB reads): enough to tell a changed byte, at disk read speed."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def check_contents(ckpt_dir: str, tag: str) -> None:
+    """Every file the tag's marker lists still has the CRC-32 it was written with (markers written before
+    checksums list none: nothing to check). Reads the whole tag: one process does it (rank 0 on a resume)."""
+    path = os.path.join(ckpt_dir, tag)
+    raw = open(os.path.join(path, MARKER), "rb").read()
+    listed = json.loads(raw).get("crc32", {}) if raw.strip() else {}
+    for rel, crc in sorted(listed.items()):
+        f = os.path.join(path, rel)
+        have = crc32_of(f)
+        if have != crc:
+            raise DamagedCheckpointError(
+                f"{f}: its bytes changed since it was written (CRC-32 {have}, written as {crc}): checkpoint {path} "
+                f"is damaged; resume from another complete tag ({_others(ckpt_dir, tag)})")
+
+
+def _others(ckpt_dir: str, tag: str) -> str:
+    """The complete tag to offer instead of `tag`: the newest one before it, else the newest."""
+    others = [t for t in complete_tags(ckpt_dir) if t != tag]
+    before = [t for t in others if t < tag]  # zero-padded step numbers sort as numbers
+    pick = (before or others or [None])[-1]
+    return f"--resume {os.path.join(ckpt_dir, pick)}" if pick else "none left"
 
 
 def check_files(ckpt_dir: str, tag: str) -> None:
@@ -161,7 +196,7 @@ def check_files(ckpt_dir: str, tag: str) -> None:
             state = "is missing" if have is None else f"has {have} bytes, written with {size}"
             raise DamagedCheckpointError(
                 f"{f} {state}: checkpoint {path} is damaged; resume from another complete tag "
-                f"({', '.join(t for t in complete_tags(ckpt_dir) if t != tag)[-200:] or 'none left'})")
+                f"({_others(ckpt_dir, tag)})")
 
 
 class DamagedCheckpointError(UserError, RuntimeError):
@@ -310,6 +345,36 @@ def check_same_architecture(config: dict, saved_config: str) -> None:
                           "weights to a new size: finetune/run.py --pretrained)")
 
 
+# The lr schedule's inputs: a resume that changes one follows another schedule from the saved update on.
+SCHEDULE_KEYS = ("epochs", "warmup_epochs", "schedule", "decay_epochs", "decay_rate", "base_lr", "warmup_lr",
+                 "min_lr", "lr_scale_batch")
+
+
+def check_same_recipe(config: dict, saved_config: str, mid_epoch: bool, print0: Callable[[str], None]) -> None:
+    """A resume continues the saved run's schedule. optim.global_batch is what an update means (the saved
+    update count, the epoch position and the lr scale all count in it): refused. The schedule's other inputs
+    are refused mid-epoch and said at an epoch boundary (extending a run's epochs is routine there)."""
+    if not os.path.exists(saved_config):
+        return
+    was, now = read_saved_config(saved_config, warn=lambda _: None).raw.get("optim", {}), config["optim"]
+    where = f"--resume {os.path.dirname(saved_config)}"
+    if "global_batch" in was and was["global_batch"] != now["global_batch"]:
+        raise ConfigError(f"{where}: optim.global_batch {was['global_batch']} -> {now['global_batch']}: the saved "
+                          f"updates, epoch position and lr schedule count updates of {was['global_batch']} images; "
+                          f"resume with --set optim.global_batch={was['global_batch']} (another world size or "
+                          "micro_batch keeps it), or start a new run from these weights")
+    changed = {k: (was[k], now[k]) for k in SCHEDULE_KEYS if k in was and was[k] != now[k]}
+    if not changed:
+        return
+    shown = ", ".join(f"optim.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+    if mid_epoch:
+        first = next(iter(changed))
+        raise ConfigError(f"{where}: cannot resume mid-epoch with a changed schedule ({shown}): the lr would jump "
+                          f"at the next update; resume with --set optim.{first}={json.dumps(changed[first][0])}, "
+                          "or from a tag saved at an epoch boundary")
+    print0(f"resuming with a changed schedule ({shown}): the lr follows the new schedule from the saved update on")
+
+
 def write_state(path: str, state: dict[str, torch.Tensor]) -> None:
     write_safetensors(path, state)
 
@@ -329,8 +394,11 @@ def latest_or_fail(ckpt_dir: str) -> str:
 
 
 def load_run_weights(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
-    """The fp32 model weights of one checkpoint, whichever backend wrote it."""
+    """The fp32 model weights of one checkpoint, whichever backend wrote it; its files checked first."""
     path = os.path.join(ckpt_dir, tag)
+    if os.path.exists(os.path.join(path, MARKER)):
+        check_files(ckpt_dir, tag)
+        check_contents(ckpt_dir, tag)
     if os.path.exists(os.path.join(path, "model.safetensors")):  # accelerate backend
         return read_state(os.path.join(path, "model.safetensors"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -183,6 +183,22 @@ def test_a_shard_shorter_than_its_count_stops_training_when_read(rel_shards, tmp
     assert len(list(skip)) == 12  # 2 x 24 listed: said, then re-read
 
 
+def test_a_count_below_the_shards_real_size_is_refused_not_a_fixed_subset(rel_shards, caplog):
+    """`PATTERN|COUNT` with COUNT under the real total (probe: |50 for 112) used to cut every shard at its
+    estimate, always at the same samples. A piece ending at a shard's count reads one sample on."""
+    files = json.loads((rel_shards / "_info.json").read_text())["splits"]["train"]["filenames"]
+    assert len(files) == 3  # 24 samples, 8 each
+    pattern = str(rel_shards / files[0]).replace("000000.tar", "{000000..000002}.tar")
+    with pytest.raises(DataError, match=r"train-00000\d.tar: more than the 4 samples .*\|12 counts for it, so "
+                                        r"the rest would never be read; give the split's real total after '\|'"):
+        list(build_loader(cfg(pattern + "|12"), 0, 1))
+    skip = build_loader(cfg(pattern + "|12", on_bad_shard="skip", return_keys=True), 0, 1)
+    assert len({k for b in skip for k in b[-1]}) == 12  # trains on the counted samples, and says so
+    assert "only its first 4 samples are read" in caplog.text
+    whole = build_loader(cfg(pattern + "|24", return_keys=True, batch_size=8), 0, 1)
+    assert len({k for b in whole for k in b[-1]}) == 24  # the real total: every sample, no error
+
+
 def test_the_writer_refuses_an_output_inside_its_source(rel_shards):
     src = str(rel_shards.parent / "imgs")
     with pytest.raises(DataError, match="is inside the source"):
@@ -293,6 +309,16 @@ def test_read_only_run_dir_and_full_disk_are_one_line_errors(mounted):
     line = user_error(e.value)
     assert line is not None and "no space left on the device" in line and "ENOSPC" in line
     assert not (full / "ckpt.bin").exists()  # nothing written half: the temp file never became the name
+    # torch.save (DeepSpeed's checkpoint writer) says only "PytorchStreamWriter failed writing file": on a
+    # full disk it becomes the same line.
+    from pretrain.io import save_failure
+    with pytest.raises(RuntimeError) as e:
+        torch.save({"w": torch.zeros(100_000)}, str(full / "mp_rank_00_model_states.pt"))
+    line = user_error(save_failure(e.value, str(full / "step00000004")))
+    assert line is not None and "no space left on the device" in line and "step00000004" in line
+    del e  # its traceback holds torch's open writer: the tmpfs can't be unmounted while it lives
+    import gc
+    gc.collect()
 
 
 # ------------------------------------------------------------ issue 35 (the third probe): requests honoured or refused
@@ -357,3 +383,99 @@ def test_verify_takes_the_manifest_itself(tmp_path, capsys):
                  progress=False)
     assert make_shards.main(["verify", str(tmp_path / "s" / "_info.json")]) == 0
     assert json.loads(capsys.readouterr().out)["bad_shards"] == []
+
+
+def test_hints_name_the_flags_of_the_command_line_that_printed_them(rel_shards, tmp_path, capsys):
+    """finetune/run.py used to advise `--allow-pickle` (a flag it rejects) and `reset_head=True` (a Python
+    argument); each command line now names its own spelling, the library its Python one."""
+    from finetune.run import main
+    from pretrain.cli import convert
+    from pretrain.weights import export
+    from pretrain.models import build_model
+    arch = {"img_size": 96, "window_size": 6, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4)}
+    headless = export(build_model("swin_tiny", num_classes=0, **arch), str(tmp_path / "backbone.safetensors"), "timm")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": dict(build_model("swin_tiny", num_classes=4, **arch).state_dict()), "args": Path(".")},
+               pickled)
+
+    def finetune(weights) -> int:
+        return main(["--config", "finetune/swin_tiny_cpu", "--data", str(rel_shards), "--num-classes", "4",
+                     "--pretrained", str(weights), "--output", str(tmp_path / "ft"), "--epochs", "1",
+                     "--set", "backend=accelerate", "data.workers=0"])
+    _one_line(capsys, finetune(headless), "backbone.safetensors has no classifier (head.fc.bias, head.fc.weight): "
+              "a backbone, else the model's 4-class head would be random; load it with --set "
+              "finetune.reset_head=true for a new zero-initialized head")
+    _one_line(capsys, finetune(pickled), "If you trust the file, pass --set finetune.allow_pickle=true, or convert")
+    _one_line(capsys, convert.main([str(pickled), str(tmp_path / "out.safetensors"), "--layout", "ours"]),
+              "If you trust the file, pass --allow-pickle, or convert")
+    with pytest.raises(CheckpointError, match=r"load it with reset_head=True for a new"):
+        from pretrain.weights import load_pretrained
+        load_pretrained(build_model("swin_tiny", num_classes=4, **arch), headless)
+
+
+@pytest.mark.dist
+@pytest.mark.launcher
+def test_a_rank_that_fails_alone_prints_its_cause_and_the_other_one_line(shards, tmp_path):
+    """Issue 35: the peer of a rank that stopped printed 45-80 lines of gloo traceback (the useful line buried
+    above it). Rank 1 meets a user error alone before update 3; rank 0, waiting in the gradient all-reduce,
+    prints one line saying another rank stopped. Each rank: at most 3 lines after the cause, no traceback.
+    The real DeepSpeed launcher (the probe's): the test server signals the peers at once, which can end rank 0
+    inside the collective before Python sees the broken connection."""
+    cfg = base_config(shards, tmp_path / "run", optim={"max_steps": 6})
+    p = launch(cfg, ranks=2, faults={"fail": [3, 1]}, launcher="deepspeed", wait=False)
+    out, _ = p.communicate(timeout=300)
+    lines = out.splitlines()
+    assert p.returncode != 0 and "Traceback" not in out, out[-3000:]
+    cause = next(i for i, x in enumerate(lines) if x == "error: rank 1: injected failure before update 3 (Faults.fail)")
+    ours = [x for x in lines[cause + 1:] if x.strip() and "[launch.py:" not in x]  # the launcher's own log lines
+    assert len(ours) <= 3 * 2, ours
+    assert any(x.startswith("error: rank 0: stopped because another rank did (its error above says why)")
+               for x in ours), ours
+
+
+def test_a_missing_filesystem_package_and_a_refused_connection_are_one_line_naming_the_url(tmp_path):
+    """`s3://` without s3fs was a raw ImportError; a refused HTTP connection read as "no such file"
+    (fsspec raises FileNotFoundError for it). oci:// stands for any protocol whose package is absent (ocifs
+    is in no extra of ours). A 404 from a real local HTTP server is still a missing file."""
+    import http.server
+    import threading
+    from pretrain.cli import user_error
+    from pretrain.data.manifest import resolve_split
+    from pretrain.io import MissingPackageError, UnreadableError, read_bytes
+    with pytest.raises(MissingPackageError) as e:
+        resolve_split("oci://bucket/in22k", "train")
+    line = user_error(e.value)
+    assert line.startswith("oci://bucket/in22k") and "needs the optional package ocifs (pip install ocifs)" in line
+    with pytest.raises(DataError, match=r"rank 0: oci://b/t-1.tar: reading oci:// needs the optional package ocifs"):
+        list(build_loader(cfg("oci://b/t-{0..1}.tar|8", workers=1), 0, 1))
+    with pytest.raises(UnreadableError, match=r"http://127.0.0.1:9/x.json: can't be read \(ClientConnectorError"):
+        read_bytes("http://127.0.0.1:9/x.json")  # the discard port: nothing listens
+    srv = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(FileNotFoundError, match=r"nothing.json: no such file"):
+            read_bytes(f"http://127.0.0.1:{srv.server_port}/nothing.json")
+    finally:
+        srv.shutdown()
+
+
+def test_one_damaged_tensor_loses_the_vote_to_the_blocks_that_repeat_its_setting():
+    """Issue 35: a bad fc1 in the first block redefined mlp_ratio, so the five good fc1/fc2 tensors were named
+    as damaged; in a checkpoint with two bias tables a damaged one could win the window vote (the official
+    relative_position_index buffers now settle it). Either way only the damaged tensor is named."""
+    from pretrain.models import build_model
+    from pretrain.models.swin import to_official
+    from pretrain.weights import load_pretrained
+    from pretrain.errors import CheckpointMismatchError
+    arch = {"img_size": 64, "window_size": 4, "num_classes": 5, "embed_dim": 32, "num_heads": (2, 4)}
+    sd = build_model("swin_tiny", depths=(2, 2), **arch).state_dict()
+    sd["layers.0.blocks.0.mlp.fc1.weight"] = torch.zeros(100, 32)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_pretrained(build_model("swin_tiny", depths=(2, 2), **arch), sd)
+    assert "shape mismatches: layers.0.blocks.0.mlp.fc1.weight (100, 32) vs model (128, 32)\n" in str(e.value)
+    assert "only the 1 tensor(s) named above disagree" in str(e.value)
+    off = to_official(build_model("swin_tiny", depths=(1, 1), **arch))
+    table = "layers.0.blocks.0.attn.relative_position_bias_table"
+    off[table] = torch.zeros(81, 2)  # window 5, the first of two tables
+    with pytest.raises(CheckpointError, match=rf"don't fit the checkpoint's window 4 .*{table} \(81, 2\) \(window 5\)"):
+        load_pretrained(build_model("swin_tiny", depths=(1, 1), **arch), off)

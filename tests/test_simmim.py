@@ -113,6 +113,14 @@ def test_our_simmim_exports_in_our_official_and_encoder_layouts(tmp_path):
     load_pretrained(clf, path)
     torch.testing.assert_close(clf.forward_tokens(x, mask, model.mask_token), model.encoder.forward_tokens(
         x, mask, model.mask_token), atol=0, rtol=0)
+    # Issue 35: the encoder export, documented for any fine-tune, loads into a classifier as the SimMIM
+    # checkpoint it came from does (the head kept at its init), not as a checkpoint missing head.fc.*
+    head = build_model("swinv2_tiny", img_size=192, window_size=12, num_classes=10, **ARCH)
+    init = head.head.fc.weight.detach().clone()
+    report = load_pretrained(head, path)
+    assert report.layout.startswith("SimMIM (") and "head.fc: kept the model's init" in str(report)
+    assert torch.equal(head.head.fc.weight, init)
+    torch.testing.assert_close(head.forward_features(x), clf.forward_features(x), atol=0, rtol=0)
 
 
 def test_a_plain_swin_checkpoint_into_simmim_needs_strict_false():

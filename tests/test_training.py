@@ -177,9 +177,11 @@ def test_flex_attention_in_a_compiled_model_on_cpu_is_refused_with_the_way_out()
     from types import SimpleNamespace
 
     from pretrain.training.distributed import compile_model
-    cfg = load_config(str(REPO / "configs/swin_tiny_cpu.json"), ["model.attn_impl=flex", "model.compile=true"])
-    with pytest.raises(ConfigError, match="model.attn_impl=math"):
-        compile_model(SimpleNamespace(device=torch.device("cpu")), cfg, print)
+    for compiled in ("true", "false"):  # eager: a 100-line traceback at the first backward, before (issue 35)
+        cfg = load_config(str(REPO / "configs/swin_tiny_cpu.json"), ["model.attn_impl=flex", f"model.compile={compiled}"])
+        with pytest.raises(ConfigError, match=r"model.attn_impl=flex trains on CUDA only: torch's CPU FlexAttention "
+                                              r"has no backward.*; on CPU use --set model.attn_impl=math"):
+            compile_model(SimpleNamespace(device=torch.device("cpu")), cfg, print)
 
 
 def test_flops_of_a_flex_model_are_counted_as_the_math_kernels():

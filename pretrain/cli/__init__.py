@@ -17,7 +17,7 @@ import sys
 from typing import Callable, Optional
 
 from ..collective import print0, printer, rank  # noqa: F401  (the entry points' printing)
-from ..errors import UserError
+from ..errors import UserError, spoken
 
 
 def user_error(e: BaseException) -> Optional[str]:
@@ -52,9 +52,10 @@ def parser(prog: str, doc: Optional[str], config: bool = False, resume: bool = F
                                    parents=[common(config, resume)])
 
 
-def run(job: Callable[[], object], show_result: bool = True) -> int:
+def run(job: Callable[[], object], show_result: bool = True, spellings: Optional[dict[str, str]] = None) -> int:
     """Run an entry point's job under the one error policy; returns the exit code. The job returns a dict
-    (printed by rank 0), an int (the exit code) or None."""
+    (printed by rank 0), an int (the exit code) or None. `spellings`: how this command line spells the library
+    options a message may suggest (pretrain.errors.ALLOW_PICKLE -> "--allow-pickle")."""
     from .. import slurm
     try:
         slurm.init_env_from_slurm()  # first: every later read of the rank agrees, under srun too
@@ -62,17 +63,17 @@ def run(job: Callable[[], object], show_result: bool = True) -> int:
     except Exception as e:
         line = user_error(e)
         if line is None:
-            import torch.distributed as dist
-            if isinstance(e, dist.DistBackendError):  # a peer stopped (its own error says why)
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                print(f"error: rank {rank()}: a collective broke off, another rank stopped (see its error): "
-                      f"{first}", file=sys.stderr)
+            from ..compat import peer_stopped
+            if peer_stopped(e):  # its own error (printed by the rank that met it) says why
+                first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                print(f"error: rank {rank()}: stopped because another rank did (its error above says why); "
+                      f"{type(e).__name__}: {first}", file=sys.stderr)
                 return 1
             raise
         # Errors every rank meets alike (config, manifest, checkpoint) print once; one met by a single rank
         # (its data, found while reading) prints there.
         if rank() == 0 or getattr(e, "rank_local", False):  # set on a UserError instance or class
-            print(f"error: {line}", file=sys.stderr)
+            print(f"error: {spoken(line, spellings or {})}", file=sys.stderr)
         return 2
     finally:
         _close_group()

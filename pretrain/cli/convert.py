@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 from .. import cli
+from ..errors import ALLOW_PICKLE, RESET_HEAD
 from ..weights import LAYOUTS, convert_checkpoint
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print(report)
         print(f"wrote {a.dst} (layout: {a.layout}; img_size {model.cfg.img_size}, window {model.cfg.window_size}, "
               f"{model.cfg.num_classes} classes)")
-    return cli.run(job)
+    return cli.run(job, spellings={ALLOW_PICKLE: "--allow-pickle", RESET_HEAD: "--reset-head"})
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ import weakref
 from dataclasses import dataclass, field, fields
 from typing import Iterator, Optional
 
-import fsspec
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..compat import shutdown_loader_workers, worker_error_line
 from ..config import DataSection
+from ..io import MissingPackageError, open_url
 from ..seeding import mix_seed
 from ..slurm import ignore_signals_in_worker
 from .manifest import DataError, resolve_split_once
@@ -86,7 +86,10 @@ def open_shard(url: str, allow_pipe: bool):
         if not allow_pipe:
             raise DataError(f"{url}: 'pipe:' URLs run a shell command; set data.allow_pipe=true to allow")
         return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
-    return fsspec.open(url, "rb").open()
+    try:
+        return open_url(url, "rb").open()
+    except MissingPackageError as e:  # from a loader worker: a DataError comes back as one line
+        raise DataError(str(e)) from None
 
 
 def _tar_members(f) -> Iterator[tuple[str, bytes]]:
@@ -241,10 +244,15 @@ class ShardStream(IterableDataset):
                         if self.alt_label and not self._relabel(key, sample, url):
                             continue
                         n += 1
+                        if stop is not None and n > stop:  # only a piece that ends at the shard's count reads on
+                            self._longer(url, expected)
+                            return
                         if n > start + done:
                             done += 1
                             yield key, sample, url
-                            if stop is not None and start + done >= stop:
+                            # A piece ending at the shard's listed count reads one sample on: a count below
+                            # the real size (a small |COUNT, a stale manifest) would drop the rest every epoch.
+                            if stop is not None and start + done >= stop and stop != expected:
                                 return
                 want = expected if stop is None else stop
                 if want is not None and n < want:
@@ -268,6 +276,15 @@ class ShardStream(IterableDataset):
                     return
                 attempt += 1
                 time.sleep(self.cfg.retry_backoff_s * 2 ** (attempt - 1))
+
+    def _longer(self, url: str, expected: int) -> None:
+        """A shard holding more samples than its count: training would never read the rest, in any epoch."""
+        msg = (f"{url}: more than the {expected} samples {self.cfg.source} counts for it, so the rest would never "
+               "be read; give the split's real total after '|' or point at the shards' manifest (python -m "
+               "pretrain.cli.make_shards verify checks one)")
+        if self.cfg.on_bad_shard == "fatal":
+            raise DataError(msg + "; data.on_bad_shard='skip' trains on the counted samples only")
+        log.warning("%s; only its first %d samples are read (data.on_bad_shard='skip')", msg, expected)
 
     def _relabel(self, key: str, sample: dict, url: str) -> bool:
         """An alt_label split: the label is that field of the sample's json; False leaves the sample out (< 0),

@@ -17,11 +17,11 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-import fsspec
 import fsspec.utils
 from braceexpand import braceexpand
 
 from ..errors import UserError
+from ..io import filesystem, open_url
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def find_manifest(root: str) -> Optional[str]:
     """The manifest of a dataset root: its `_info.json`, else its `info.json`; None if it has neither."""
     for name in MANIFEST_NAMES:
         url = root.rstrip("/") + "/" + name
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = filesystem(url)
         if fs.exists(path):
             return url
     return None
@@ -67,7 +67,7 @@ def find_manifest(root: str) -> Optional[str]:
 def read_manifest(source: str) -> dict:
     """A manifest (timm's format), its structure checked; DataError naming the file otherwise."""
     try:
-        with fsspec.open(source, "r") as f:
+        with open_url(source, "r") as f:
             info = json.load(f)
     except FileNotFoundError:
         raise DataError(f"{source}: no such manifest; point data.train/data.val at the shards' _info.json "
@@ -137,7 +137,7 @@ def resolve_split(source: str, split: str) -> Split:
 def index_counts(index_url: str) -> Optional[dict[str, int]]:
     """Samples per shard name in an `_index.parquet` (None if there is none), counted by pyarrow in 1M-row
     batches of the dictionary-encoded `shard` column: no Python string per row, memory flat in the rows."""
-    fs, path = fsspec.core.url_to_fs(index_url)
+    fs, path = filesystem(index_url)
     if not fs.exists(path):
         return None
     import pyarrow.compute as pc
@@ -178,7 +178,7 @@ def check_manifest(source: str, split: str, s: dict, shards: list[Shard], check_
         # them here (32,768 of them cost seconds, and s3:// would need s3fs on the rank that checks).
         if url.startswith("pipe:") or fsspec.utils.get_protocol(url) not in ("file", "local"):
             continue
-        sfs, path = fsspec.core.url_to_fs(url)
+        sfs, path = filesystem(url)
         if not sfs.exists(path):
             missing.append(url)
             continue

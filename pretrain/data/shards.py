@@ -22,12 +22,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from ..io import read_bytes, write_bytes_atomic
+from ..io import filesystem, read_bytes, write_bytes_atomic
 from .loader import IMAGE_KEYS, iter_samples, mp_context
 from .manifest import MANIFEST_NAMES, DataError, find_manifest, read_manifest
 
@@ -369,7 +368,7 @@ def _finished(fs, out: str, name: str) -> bool:
     if not fs.exists(done):
         return False
     want = json.loads(read_bytes(done))["bytes"]
-    path = fsspec.core.url_to_fs(_join(out, name))[1]
+    path = filesystem(_join(out, name))[1]
     if fs.exists(path) and fs.size(path) == want:
         return True
     log.warning("%s: %s bytes, written as %d: writing it again", _join(out, name),
@@ -408,8 +407,8 @@ def write_shards(opts: WriteOptions, progress: bool = True) -> dict:
     problems = listing.problems + [
         {"source": _join(opts.src, c), "class": c, "reason": f"empty class: no images; kept as class {class_idx[c]} "
          "so that the classes after it keep their indices", "empty_class": True} for c in empty]
-    fs, _ = fsspec.core.url_to_fs(opts.out)
-    fs.makedirs(fsspec.core.url_to_fs(_join(opts.out, "_parts"))[1], exist_ok=True)
+    fs, _ = filesystem(opts.out)
+    fs.makedirs(filesystem(_join(opts.out, "_parts"))[1], exist_ok=True)
     _check_plan(fs, opts.out, _plan_fingerprint(opts, len(items)))
     jobs = []
     for split, members in plan_splits(items, opts).items():

@@ -56,12 +56,21 @@ def table_window(rows: int) -> int:
 
 
 def checkpoint_window(sd: Mapping[str, torch.Tensor]) -> int:
-    """The checkpoint's attention window, judged from all its bias tables (the most common size), so one
-    damaged table can't redefine it."""
-    sizes = Counter(v.shape[0] for k, v in sd.items() if k.endswith("relative_position_bias_table"))
-    if not sizes:
+    """The checkpoint's attention window, judged from all its bias tables and, where the file has them (the
+    official layout), its relative_position_index buffers ((M^2, M^2) each): the most common window, so one
+    damaged table can't redefine it, even in a checkpoint with two tables."""
+    tables = [table_window(v.shape[0]) for k, v in sd.items() if k.endswith("relative_position_bias_table")]
+    if not tables:
         raise CheckpointError("no relative_position_bias_table in the checkpoint: not a Swin (V1) checkpoint")
-    return table_window(sizes.most_common(1)[0][0])
+    index = [math.isqrt(v.shape[0]) for k, v in sd.items() if k.endswith("relative_position_index") and v.dim() == 2]
+    votes = Counter(w for w in tables + index if w > 0)
+    return votes.most_common(1)[0][0] if votes else 0
+
+
+def _vote(values: list) -> Any:
+    """The most common of `values` (the first seen on a tie): one damaged tensor can't redefine a setting
+    that every block of the checkpoint repeats."""
+    return Counter(values).most_common(1)[0][0]
 
 
 def _v2_window(windows: dict[int, tuple[int, int]]) -> Optional[int]:
@@ -70,24 +79,28 @@ def _v2_window(windows: dict[int, tuple[int, int]]) -> Optional[int]:
 
 def infer_config(sd: Mapping[str, torch.Tensor], windows_from: Optional[Mapping] = None) -> dict[str, Any]:
     """Architecture read off a state dict in our layout: the fields of SwinConfig it determines.
-    `windows_from`: the state dict before conversion (a V2 window lives in the official buffers only);
-    a V2 checkpoint without them leaves window_size None."""
+    `windows_from`: the state dict before conversion (a V2 window lives in the official buffers only, and
+    a V1 one's index buffers settle a vote between tables); a V2 checkpoint without them leaves window_size
+    None."""
     proj = sd["patch_embed.proj.weight"]
     depths, heads = [], []
     version = family(sd)
     i = 0
     while any(k.startswith(f"layers.{i}.blocks.") for k in sd):
         depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks.")))
-        heads.append(sd[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0] if version == 2 else
-                     sd[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1])
+        blocks = range(depths[-1])
+        heads.append(_vote([sd[f"layers.{i}.blocks.{b}.attn.logit_scale"].shape[0] if version == 2 else
+                            sd[f"layers.{i}.blocks.{b}.attn.relative_position_bias_table"].shape[1]
+                            for b in blocks if f"layers.{i}.blocks.{b}.attn.logit_scale" in sd
+                            or f"layers.{i}.blocks.{b}.attn.relative_position_bias_table" in sd]))
         i += 1
     windows = v2_windows(windows_from or sd) if version == 2 else {}
     cfg: dict[str, Any] = dict(
         embed_dim=proj.shape[0], in_chans=proj.shape[1], patch_size=proj.shape[2],
         depths=tuple(depths), num_heads=tuple(heads),
-        window_size=checkpoint_window(sd) if version == 1 else _v2_window(windows),
+        window_size=checkpoint_window(windows_from or sd) if version == 1 else _v2_window(windows),
         num_classes=sd[HEAD_W].shape[0] if HEAD_W in sd else 0,
-        mlp_ratio=sd["layers.0.blocks.0.mlp.fc1.weight"].shape[0] / proj.shape[0],
+        mlp_ratio=_vote([v.shape[0] / v.shape[1] for k, v in sd.items() if k.endswith(".mlp.fc1.weight")]),
         qkv_bias=f"layers.0.blocks.0.attn.{'q_bias' if version == 2 else 'qkv.bias'}" in sd,
         ape="absolute_pos_embed" in sd, patch_norm="patch_embed.norm.weight" in sd, version=version)
     if version == 2 and windows and any(w != ref for w, ref in windows.values()):

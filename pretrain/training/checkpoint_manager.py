@@ -22,8 +22,9 @@ from typing import Callable, Optional, Protocol
 import torch
 
 from .. import runs
+from ..compat import peer_stopped
 from ..config import CheckpointSection
-from ..io import write_bytes_atomic
+from ..io import save_failure, write_bytes_atomic
 from .backend import Backend
 from .faults import Faults
 
@@ -87,7 +88,12 @@ class CheckpointManager:
         t0 = time.time()
         path = os.path.join(self.dir, tag)
         self._replace_stale(path, step)
-        self.backend.save(self.dir, tag)
+        try:
+            self.backend.save(self.dir, tag)
+        except RuntimeError as e:  # torch.save's own error never says why (a full disk: "file write failed")
+            if peer_stopped(e):
+                raise
+            raise save_failure(e, path) from None
         runs.save_rng(self.dir, tag, self.rank)
         if self.rank == 0:
             client = {"step": step, "world": self.backend.world,
@@ -125,9 +131,12 @@ class CheckpointManager:
             runs.require_complete(ckpt_dir, tag)
         path = os.path.join(ckpt_dir, tag)
         runs.check_files(ckpt_dir, tag)
+        self._check_contents(ckpt_dir, tag)
         with open(os.path.join(path, CLIENT)) as f:
             saved = json.load(f)
         runs.check_same_architecture(self.run_config, os.path.join(path, runs.CONFIG))
+        mid_epoch = bool(saved.get("loader", {}).get("batches_done"))
+        runs.check_same_recipe(self.run_config, os.path.join(path, runs.CONFIG), mid_epoch, self.print0)
         try:
             self.backend.load(ckpt_dir, tag, saved["world"])
         except (OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
@@ -142,6 +151,20 @@ class CheckpointManager:
         self.saved_step = saved["step"]
         self.print0(f"resumed from {path} at update {saved['step']}")
         return saved["step"]
+
+
+    def _check_contents(self, ckpt_dir: str, tag: str) -> None:
+        """The tag's checksums, before anything is loaded or "resumed from" said: rank 0 reads the files
+        (the others would read the same shared disk again), every rank learns the verdict."""
+        error = None
+        if self.rank == 0:
+            try:
+                runs.check_contents(ckpt_dir, tag)
+            except runs.DamagedCheckpointError as e:
+                error = e
+        bad = torch.tensor([float(error is not None)], device=self.backend.device)
+        if self.backend.all_reduce(bad, op=torch.distributed.ReduceOp.MAX).item():
+            raise error or runs.DamagedCheckpointError(f"{os.path.join(ckpt_dir, tag)}: damaged (rank 0 says which file)")
 
 
 def _flat(saved: dict, name: str) -> dict:

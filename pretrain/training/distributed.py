@@ -72,12 +72,13 @@ def compile_cache_env(cfg: RunConfig) -> dict[str, str]:
 def compile_model(backend: Backend, cfg: RunConfig, print0: Callable[[str], None]) -> bool:
     """model.compile: torch.compile inside the engine (its kernel cache: `compile_cache_env`)."""
     m = cfg.model
-    if not (backend.device.type == "cuda" if m.compile == "auto" else m.compile):
+    compiled = backend.device.type == "cuda" if m.compile == "auto" else m.compile
+    if m.attn_impl == "flex" and backend.device.type == "cpu":  # training: refused before the first update
+        raise ConfigError("model.attn_impl=flex trains on CUDA only: torch's CPU FlexAttention has no backward"
+                          + (" and, compiled, cannot read a position bias computed inside the graph" if compiled
+                             else "") + "; on CPU use --set model.attn_impl=math (or sdpa)")
+    if not compiled:
         return False
-    if m.attn_impl == "flex" and backend.device.type == "cpu":
-        raise ConfigError("model.attn_impl=flex with model.compile on CPU: torch's CPU FlexAttention kernel "
-                          "cannot read a position bias computed inside the compiled graph; on CPU use "
-                          "model.attn_impl=math (or model.compile=false)")
     cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
     warm = bool(cache) and os.path.isdir(cache) and any(os.scandir(cache))
     backend.compile()

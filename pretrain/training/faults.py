@@ -10,6 +10,12 @@ from typing import Optional
 
 import torch
 
+from ..errors import UserError
+
+
+class InjectedError(UserError):
+    rank_local = True  # met by one rank alone
+
 
 @dataclass
 class Faults:
@@ -20,14 +26,19 @@ class Faults:
     #   before the pointer moves
     pause_until: Optional[str] = None  # after the first update, wait until this file exists (a run kept
     #   alive exactly as long as a test needs it)
+    fail: Optional[tuple[int, int]] = None  # (update, rank): that rank alone meets a user error (as a bad
+    #   sample of its own shard would be) before `update`; the others wait for it in a collective
 
     @classmethod
     def from_json(cls, text: str) -> "Faults":
         raw = json.loads(text or "{}")
         return cls(nan=[tuple(x) for x in raw.get("nan", [])], sleep_s=float(raw.get("sleep_s", 0.0)),
-                   crash_in_save=raw.get("crash_in_save"), pause_until=raw.get("pause_until"))
+                   crash_in_save=raw.get("crash_in_save"), pause_until=raw.get("pause_until"),
+                   fail=tuple(raw["fail"]) if raw.get("fail") else None)
 
     def loss(self, loss: torch.Tensor, update: int, rank: int) -> torch.Tensor:
+        if self.fail == (update, rank):
+            raise InjectedError(f"rank {rank}: injected failure before update {update} (Faults.fail)")
         if self.nan and self.nan[0][0] == update:
             if self.nan.pop(0)[1] == rank:
                 return loss * float("nan")

@@ -16,9 +16,9 @@ from ..io import write_bytes_atomic, write_safetensors
 from ..models.simmim import SimMIM
 from ..models.simmim import to_official as simmim_to_official
 from ..models.swin import SwinTransformer, to_official
-from .load import LoadReport, load_pretrained
 from . import hub
-from .read import OURS_FORMAT, Source, config_from_checkpoint, pretrained_windows_of
+from .load import LoadReport, load_pretrained
+from .read import OURS_FORMAT, SIMMIM_MARK, Source, config_from_checkpoint, pretrained_windows_of
 
 LAYOUTS = ("ours", "timm", "official", "transformers")
 SIMMIM_LAYOUTS = ("ours", "official", "encoder", "transformers")  # a SimMIM model's
@@ -33,7 +33,8 @@ def _to_cpu(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
 
 
-def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours") -> str:
+def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours",
+           extra_meta: Optional[dict[str, str]] = None) -> str:
     """Write the model's weights to `path` (local or fsspec URL) in `layout`, atomically.
 
     `.safetensors` paths get safetensors; anything else a torch.save file (`{'model': sd}` for the
@@ -59,14 +60,14 @@ def export(model: Union[SwinTransformer, SimMIM], path: str, layout: str = "ours
         sd = _to_cpu(to_official(model) if layout == "official" else model.state_dict())
     except ValueError as e:  # what the official layout can't hold (a non-square window)
         raise CheckpointError(str(e)) from None
-    return _write(path, sd, layout, model.cfg.to_dict())
+    return _write(path, sd, layout, model.cfg.to_dict(), extra_meta)
 
 
 def _export_simmim(model: SimMIM, path: str, layout: str) -> str:
     if layout not in SIMMIM_LAYOUTS:
         raise ValueError(f"a SimMIM model exports as one of {SIMMIM_LAYOUTS}, got {layout!r}")
-    if layout == "encoder":
-        return export(model.encoder, path, "timm")
+    if layout == "encoder":  # timm's layout, marked: a fine-tune treats it as the SimMIM checkpoint it came from
+        return export(model.encoder, path, "timm", {SIMMIM_MARK: "simmim"})
     try:
         sd = _to_cpu(simmim_to_official(model) if layout == "official" else model.state_dict())
     except ValueError as e:
@@ -93,13 +94,13 @@ def _export_hub(model: Union[SwinTransformer, SimMIM], folder: str) -> str:
     return hub.write_folder(str(folder), hub.to_hub(sd, c.version), config, c.img_size[0])
 
 
-def _write(path: str, sd: dict, layout: str, config: dict) -> str:
+def _write(path: str, sd: dict, layout: str, config: dict, extra_meta: Optional[dict[str, str]] = None) -> str:
     as_safetensors = str(path).endswith(".safetensors")
     if layout == "ours":
         meta = {"format": OURS_FORMAT, "config": json.dumps(config)}
         obj: dict = {"model": sd, **meta}
     else:
-        meta = {"format": "pt"}
+        meta = {"format": "pt", **(extra_meta or {})}
         obj = {"model": sd} if layout == "official" else sd
     if as_safetensors:
         write_safetensors(str(path), sd, meta)

@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import ALLOW_PICKLE, CheckpointError
 from ..io import write_bytes_atomic
 
 CONFIG, WEIGHTS, PICKLED = "config.json", "model.safetensors", "pytorch_model.bin"
@@ -227,7 +227,7 @@ def weights_file(folder: str, allow_pickle: bool) -> str:
         if os.path.exists(path):
             if name == PICKLED and not allow_pickle:
                 raise CheckpointError(f"{path}: a pickle (torch.save) holds these weights; trust it with "
-                                      "--allow-pickle (allow_pickle=True), or convert it to model.safetensors")
+                                      f"{ALLOW_PICKLE}, or convert it to model.safetensors")
             return path
     if os.path.exists(os.path.join(folder, WEIGHTS + ".index.json")):
         raise CheckpointError(f"{folder}: sharded weights (model.safetensors.index.json) are not read: merge them")

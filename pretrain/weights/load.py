@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from ..classes import NUM_22K, map22k_to_1k
-from ..errors import CheckpointError, CheckpointMismatchError
+from ..errors import RESET_HEAD, CheckpointError, CheckpointMismatchError
 from ..models.shapes import (
     HEAD_B,
     HEAD_W,
@@ -27,7 +27,7 @@ from ..models.shapes import (
 )
 from ..models.simmim import SimMIM, is_simmim_state, split_state
 from ..models.swin import BUFFER_SUFFIXES, SwinTransformer, from_official
-from .read import Source, detect_layout, read_checkpoint
+from .read import SIMMIM_MARK, Source, detect_layout, read_checkpoint
 from .resize import resize_abs_pos_embed, resize_bias_table, resize_bias_table_geometric
 
 
@@ -77,14 +77,15 @@ def _fit_head(sd: dict, target: Mapping, model: SwinTransformer, reset_head: boo
     report.reinitialized.append(f"head.fc: zero-initialized ({why})")
 
 
-def _check_tables(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], name: str) -> list[str]:
+def _check_tables(sd: Mapping[str, torch.Tensor], meta: Mapping[str, Any], name: str,
+                  raw: Optional[Mapping[str, torch.Tensor]] = None) -> list[str]:
     """Bias tables that don't fit the checkpoint's own window, judged from the whole checkpoint: a table
     fits at the checkpoint's window, or at one smaller window shared by its whole stage (a stage smaller
     than the window; later stages no larger). Returns the damaged ones with why; they are never resized."""
     tables = {k: v for k, v in sd.items() if k.endswith("relative_position_bias_table")}
     if not tables:
         return []
-    window = int(meta["config"]["window_size"]) if "config" in meta else checkpoint_window(sd)
+    window = int(meta["config"]["window_size"]) if "config" in meta else checkpoint_window(raw or sd)
     per_stage: dict[int, set] = {}
     for k, v in tables.items():
         per_stage.setdefault(int(k.split(".")[1]), set()).add(table_window(v.shape[0]))
@@ -151,6 +152,10 @@ def _mismatch_message(name: str, sd: Mapping, target: Mapping, model: SwinTransf
         items = sorted(items, key=_natural_key)
         return ", ".join(map(str, items[:n])) + (f" ... ({len(items)} in all)" if len(items) > n else "")
 
+    if set(missing) <= {HEAD_W, HEAD_B} and missing and not unexpected and not mismatched:
+        return (f"{name} has no classifier ({', '.join(sorted(missing))}): a backbone, else the model's "
+                f"{model.num_classes}-class head would be random; load it with {RESET_HEAD} for a new "
+                "zero-initialized head (the official fine-tuning recipe)")
     lines = [f"{name} does not fit the model:"]
     if missing:
         lines.append(f"  missing keys: {show(missing)}")
@@ -170,7 +175,7 @@ def _mismatch_message(name: str, sd: Mapping, target: Mapping, model: SwinTransf
         return "\n".join(lines)
     lines.append(f"  hint: the checkpoint looks like {ck}; the model is {describe(mine)}. "
                  "Build the matching variant (build_model(variant, window_size=..., num_classes=...))"
-                 + ("; a checkpoint without a classifier loads with reset_head=True"
+                 + (f"; a checkpoint without a classifier loads with {RESET_HEAD}"
                     if HEAD_W in missing and len(missing) <= 2 else ""))
     return "\n".join(lines)
 
@@ -194,6 +199,7 @@ def load_pretrained(model: Union[SwinTransformer, SimMIM], source: Source, *, st
     extra: dict[str, torch.Tensor] = {}
     if from_simmim:
         sd, extra = split_state(sd)
+    from_simmim = from_simmim or meta.get(SIMMIM_MARK) == "simmim"  # a SimMIM run's encoder export
     encoder = model.encoder if isinstance(model, SimMIM) else model
     kept_head = from_simmim and encoder.num_classes > 0 and not any(k.startswith("head.") for k in sd)
     report = _load_encoder(encoder, sd, meta, name, strict, reset_head, geometric=from_simmim, keep_head=kept_head)
@@ -245,6 +251,7 @@ def _load_encoder(model: SwinTransformer, sd: dict, meta: dict, name: str, stric
     report = LoadReport(name, layout)
     if mine == 2:
         _note_cpb(report, model, sd, meta)
+    raw = sd  # with the official index buffers, which vote on the window
     if layout in ("official", "transformers"):  # a transformers checkpoint was read into the official keys
         n_buffers = sum(k.endswith(BUFFER_SUFFIXES) for k in sd)
         sd = from_official(sd)
@@ -258,7 +265,7 @@ def _load_encoder(model: SwinTransformer, sd: dict, meta: dict, name: str, stric
     if keep_head and not reset_head:
         sd[HEAD_W], sd[HEAD_B] = target[HEAD_W].clone(), target[HEAD_B].clone()
     _fit_head(sd, target, model, reset_head, report)
-    damaged = _check_tables(sd, meta, name)
+    damaged = _check_tables(sd, meta, name, raw)
     if damaged:
         raise CheckpointMismatchError(damaged[0])
     original = dict(sd)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Union
 import safetensors.torch
 import torch
 
-from ..errors import CheckpointError
+from ..errors import ALLOW_PICKLE, CheckpointError
 from ..io import read_bytes
 from ..models.shapes import family, infer_config, trained_windows
 from ..models.simmim import is_simmim_state, split_state
@@ -20,6 +20,9 @@ from ..models.swin import BUFFER_SUFFIXES, SwinConfig, from_official
 from . import hub
 
 OURS_FORMAT = "swin-pretrain/1"
+# Metadata of an encoder exported from a SimMIM model (timm's layout): loaded as the SimMIM checkpoint it
+# was (its bias tables by the SimMIM spline, the classifier kept at its init).
+SIMMIM_MARK = "pretrained_by"
 
 
 Source = Union[str, "os.PathLike[str]", Mapping]
@@ -75,7 +78,7 @@ def read_checkpoint(source: Source, *, allow_pickle: bool = False) -> tuple[dict
                 raise CheckpointError(
                     f"{name}: holds objects other than tensors and plain containers, refused by "
                     f"torch.load(weights_only=True) ({_reason(e)}). If you trust the file, "
-                    "pass allow_pickle=True (--allow-pickle), or convert it to safetensors") from None
+                    f"pass {ALLOW_PICKLE}, or convert it to safetensors") from None
             except Exception as e:
                 raise CheckpointError(
                     f"{name}: not a readable checkpoint ({type(e).__name__}: {e}); "
