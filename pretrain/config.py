@@ -176,6 +176,21 @@ class SimMIMSection:
     crop_ratio: list[float] = opt([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range")
 
 
+@dataclass
+class ProbeSection:
+    """A weighted kNN probe of the encoder's features while a run trains (DINO's vote), for either task."""
+    data: str = opt("", "labelled shards (as data.val): bank_split is the memory bank, query_split the images it "
+                        "classifies; empty: no probe")
+    bank_split: str = opt("train", "the split whose features vote (at most max_per_class images of each class)")
+    query_split: str = opt("validation", "the split the vote classifies (probe_knn_top1/top5)")
+    max_per_class: int = opt(0, "bank images kept per class, the first read (by rank, then order); 0: all")
+    every_steps: int = opt(0, "probe every N updates; 0: with each evaluation (log.eval_every_steps)")
+    k: int = opt(20, "neighbours that vote (DINO: 20)")
+    temperature: float = opt(0.07, "a neighbour's vote is exp(cosine / temperature) (DINO: 0.07)")
+    stage: int = opt(-1, "features: -1 the final norm's pooled output (what the classifier sees); 0..S-1 that "
+                         "stage's pooled output (for masked image modelling a middle stage often probes better)")
+
+
 BACKENDS = ("deepspeed", "accelerate")
 TASKS = ("classification", "simmim")  # = pretrain.tasks.TASKS (tested)
 
@@ -199,6 +214,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     simmim: SimMIMSection = field(default_factory=SimMIMSection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
 
     def to_dict(self) -> dict:
         """Every key a config file may hold (derived fields, set from another key, are left out)."""
@@ -413,8 +429,23 @@ def run_checks(cfg: RunConfig) -> list[Check]:
     ]
     if m.embed_dim is not None:
         checks.append(in_range(m.embed_dim, "model.embed_dim", 1))
-    checks += schedule_checks(o) + aug_checks(a) + deepspeed_checks(cfg) + task_checks(cfg)
+    checks += schedule_checks(o) + aug_checks(a) + deepspeed_checks(cfg) + task_checks(cfg) + probe_checks(cfg)
     return checks
+
+
+def probe_checks(cfg: RunConfig) -> list[Check]:
+    p, defaults = cfg.probe, ProbeSection()
+    if not p.data:
+        changed = [f"probe.{f.name}" for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(defaults, f.name)]
+        return [(not changed, f"{', '.join(changed)} act(s) only with probe.data set (labelled shards): set it, or "
+                              "remove them")]
+    stages = len(cfg.model.depths or VARIANT_SHAPES.get(cfg.model.variant, {}).get("depths", (0,) * 4))
+    return [in_range(p.k, "probe.k", 1), in_range(p.temperature, "probe.temperature", 0, lo_open=True),
+            in_range(p.every_steps, "probe.every_steps", 0), in_range(p.max_per_class, "probe.max_per_class", 0),
+            in_range(p.stage, "probe.stage", -1, stages - 1),
+            (p.every_steps > 0 or bool(cfg.data.val),
+             "probe.every_steps=0 probes with each evaluation, but data.val is empty (no evaluation): set "
+             "probe.every_steps")]
 
 
 def schedule_checks(o: OptimSection) -> list[Check]:
@@ -458,7 +489,8 @@ APPLIES = {"optim.zero_stage": "backend deepspeed", "deepspeed": "backend deepsp
            "finetune.": "fine-tuning", "simmim.": "task simmim (pretraining)", "task": "pretraining (fine-tuning: "
            "classification only)", "optim.decay_epochs": "optim.schedule multistep",
            "optim.decay_rate": "optim.schedule multistep", "optim.min_lr": "optim.schedule cosine",
-           "model.num_classes": "task classification", **{f"aug.{k}": "task classification" for k in CLASSIFICATION_ONLY}}
+           "model.num_classes": "task classification", "probe.": "both stages and tasks, with probe.data set",
+           "probe.data": "both stages and tasks", **{f"aug.{k}": "task classification" for k in CLASSIFICATION_ONLY}}
 
 
 def reference_markdown(extra: tuple = ()) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.config import load_config
 from pretrain.data.shards import WriteOptions, write_shards
 from pretrain.data.synthetic import make_image_folder
 from pretrain.models import build_model
@@ -85,8 +86,16 @@ def base_config(shards: str, run_dir: Path, **sections) -> dict:
         "log": {"every_steps": 1, "tensorboard": False, "progress": False},
     }
     for section, values in sections.items():
-        cfg[section] = {**cfg[section], **values} if isinstance(values, dict) else values
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
     return write_config(cfg, run_dir)
+
+
+def in_process_config(shards: str, run_dir: Path, **sections):
+    """A run of the `shards` fixture in this process: one rank, the accelerate backend, fp32, 6 updates."""
+    sections.setdefault("optim", {})
+    sections["optim"] = {"max_steps": 6, "zero_stage": None, "precision": "fp32", **sections["optim"]}
+    cfg = base_config(shards, run_dir, **sections)
+    return load_config(cfg["_path"], ["backend=accelerate", f"data.val={shards}", "data.workers=0"])
 
 
 def write_config(cfg: dict, run_dir: Path) -> dict:

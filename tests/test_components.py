@@ -4,25 +4,16 @@ Evaluator alone, Preemption, the train state."""
 import json
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import in_process_config
 
-from pretrain.config import load_config
+from pretrain.config import ConfigError
 from pretrain.runs import RunExistsError
 from pretrain.training import Faults, NonFiniteLossError, Preempted, Trainer, evaluate_weights
 from pretrain.training.loop import TrainState
 from pretrain.training.preemption import Preemption, act
-
-from conftest import base_config
-
-
-def in_process_config(shards: str, run_dir: Path, **sections):
-    sections.setdefault("optim", {})
-    sections["optim"] = {"max_steps": 6, "zero_stage": None, "precision": "fp32", **sections["optim"]}
-    cfg = base_config(shards, run_dir, **sections)
-    return load_config(cfg["_path"], ["backend=accelerate", f"data.val={shards}", "data.workers=0"])
 
 
 def test_preemption_installs_and_restores_its_handlers_and_acts_on_a_signal():
@@ -154,3 +145,61 @@ def test_a_copied_run_dir_is_its_own_run_and_a_lost_pointer_falls_back_to_the_ne
     assert (tmp_path / "copy" / "checkpoints" / "latest_complete").read_text() == "step00000006"
     (tmp_path / "ref" / "checkpoints" / "latest_complete").unlink()
     assert all("step00000004" in p for p in export_run(str(tmp_path / "ref"), layouts=("ours",)))
+
+
+def test_a_resume_that_would_change_the_schedule_is_refused_mid_epoch_and_said_at_an_epoch_end(shards, tmp_path,
+                                                                                              capsys):
+    """Issue 35: a mid-epoch resume with optim.global_batch 16 -> 32 used to run on with the lr schedule at
+    its end (0.0002 instead of 0.0150). global_batch is refused at any tag (updates count in it); the other
+    schedule inputs mid-epoch (step 4 of a 7-update epoch), and are said at the epoch-end tag (step 7)."""
+    run = tmp_path / "r"
+    Trainer(in_process_config(shards, run, optim={"max_steps": 8}, checkpoint={"keep": 5})).fit()
+    tags = run / "checkpoints"
+    assert {"step00000004", "step00000007"} <= {p.name for p in tags.glob("step*")}
+
+    def resume(tag: str, **optim) -> Trainer:
+        cfg = in_process_config(shards, run, optim={"max_steps": 8, **optim}, checkpoint={"keep": 5})
+        return Trainer(cfg, resume=str(tags / tag))
+    for tag in ("step00000004", "step00000007"):
+        with pytest.raises(ConfigError, match=r"optim.global_batch 16 -> 32: the saved updates, epoch position and "
+                                              r"lr schedule count updates of 16 images; resume with --set "
+                                              r"optim.global_batch=16"):
+            resume(tag, global_batch=32)
+    with pytest.raises(ConfigError, match=r"cannot resume mid-epoch with a changed schedule \(optim.epochs 3 -> 6\)"
+                                          r".*resume with --set optim.epochs=3, or from a tag saved at an epoch"):
+        resume("step00000004", epochs=6)
+    capsys.readouterr()
+    t = resume("step00000007", epochs=6, max_steps=0)
+    assert t.state.step == 7 and t.total_updates == 42  # 6 epochs of 7 updates
+    assert "resuming with a changed schedule (optim.epochs 3 -> 6)" in capsys.readouterr().out
+    t.close()
+    same = resume("step00000004")  # nothing changed: resumes exactly, silently
+    assert same.state.step == 4 and same.train_loader.batches_done == 8
+    same.close()
+
+
+def test_a_complete_tag_whose_bytes_changed_is_refused_before_anything_is_loaded(shards, tmp_path, capsys):
+    """Issue 35: a corrupt pickle inside a complete tag (same size) failed with a raw UnpicklingError after
+    the log said "resumed from". The marker holds each file's CRC-32; the resume names the file and the
+    previous complete tag, and loads nothing."""
+    from pretrain.runs import DamagedCheckpointError
+    run = tmp_path / "rot"
+    cfg = in_process_config(shards, run, optim={"max_steps": 8}, checkpoint={"keep": 5})
+    Trainer(cfg).fit()
+    tag = run / "checkpoints" / "step00000008"
+    marker = json.loads((tag / "COMPLETE").read_text())
+    assert set(marker["crc32"]) == set(marker["files"]) and len(marker["files"]) >= 3
+    victim = max((tag / f for f in marker["files"]), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit: the size is the same
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    with pytest.raises(DamagedCheckpointError, match=rf"{victim.name}: its bytes changed since it was written "
+                                                     rf"\(CRC-32 [0-9a-f]{{8}}, written as [0-9a-f]{{8}}\): checkpoint "
+                                                     rf".*step00000008 is damaged; resume from another complete tag "
+                                                     rf"\(--resume .*step00000007\)"):
+        Trainer(cfg, resume="auto")
+    assert "resumed from" not in capsys.readouterr().out
+    previous = Trainer(cfg, resume=str(tag.parent / "step00000007"))
+    assert previous.state.step == 7
+    previous.close()

@@ -21,6 +21,12 @@ def test_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path):
     assert len(list((out / "swin_tiny_cpu" / "export").glob("*.safetensors"))) == 3
     assert len(list((out / "swin_tiny_cpu_ft" / "export").glob("finetuned.*.safetensors"))) == 3
     assert (out / "swin_tiny_cpu" / "metrics.jsonl").exists() and (out / "swin_tiny_cpu_ft" / "config.json").exists()
+    import json  # the kNN probe (issue 34): at update 0 and with the final evaluation, 2 DeepSpeed ranks
+    probe = {r["step"]: r for r in map(json.loads, open(out / "swin_tiny_cpu" / "metrics.jsonl"))
+             if "probe_knn_top1" in r}
+    assert sorted(probe) == [0, 6] and probe[6]["probe_queries"] == 80 and probe[6]["probe_bank"] == 320
+    assert probe[6]["probe_knn_top1"] > 20.0, probe  # chance is 10%
+    assert "pretraining  kNN probe top-1" in first.stdout and "at update 0 (random init) -> " in first.stdout
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "10 shard(s) were already there" in second.stdout
@@ -77,6 +83,10 @@ def test_simmim_demo_reconstructs_better_and_both_finetunes_beat_chance(tmp_path
     pictures = sorted((out / "simmim_tiny_cpu" / "reconstructions").glob("*.png"))
     assert pictures and f"reconstructions: {pictures[-1]}" in r.stdout
     assert (out / "demo_simmim_curves.png").stat().st_size > 10_000
+    probe = [json.loads(x) for x in open(out / "simmim_tiny_cpu" / "metrics.jsonl") if "probe_knn_top1" in x]
+    assert probe[0]["step"] == 0 and probe[-1]["step"] == 30 and len(probe) >= 3  # and with each evaluation
+    assert all(r["probe_queries"] == 80 and 0 <= r["probe_knn_top1"] <= 100 for r in probe)
+    assert "SimMIM kNN probe top-1" in r.stdout
     assert len(list((out / "simmim_tiny_cpu" / "export").glob("*.safetensors"))) == 3
 
 

@@ -120,11 +120,34 @@ def save(fig, axes, out: str) -> str:
     return out
 
 
+def plot_probe(ax, run_dir: str, label: str) -> None:
+    """The run's kNN probe top-1 over its updates; update 0 (the initial encoder) drawn as a line too."""
+    pts = {r["step"]: r["probe_knn_top1"] for r in records(os.path.join(run_dir, "metrics.jsonl"))
+           if "probe_knn_top1" in r}
+    ax.plot(list(pts), list(pts.values()), marker="o", label=label)
+    if 0 in pts:
+        ax.axhline(pts[0], color="tab:red", linestyle="--", label="random-init encoder (update 0)")
+    ax.axhline(10, color="grey", linestyle=":", label="chance")
+    ax.set(title="kNN probe top-1 (k=20, T=0.07)", xlabel="update", ylabel="%")
+
+
+def probe_line(run_dir: str) -> str:
+    """'kNN probe top-1 A% at update 0 (random init) -> B% at update N', or '' without probe records."""
+    pts = [r for r in records(os.path.join(run_dir, "metrics.jsonl")) if "probe_knn_top1" in r]
+    if not pts:
+        return ""
+    first, last = pts[0], pts[-1]
+    return (f"kNN probe top-1 {first['probe_knn_top1']:.1f}% at update {first['step']}"
+            f"{' (random init)' if first['step'] == 0 else ''} -> {last['probe_knn_top1']:.1f}% at update "
+            f"{last['step']} ({last['probe_queries']} images, a bank of {last['probe_bank']})")
+
+
 def plot(pre_dir: str, ft_dir: str, out: str) -> str:
-    fig, axes = figure(2)
+    fig, axes = figure(3)
     plot_runs(axes[0], axes[1], {"pretrain 64px/w4": pre_dir, "fine-tune 96px/w6": ft_dir})
     axes[0].set(title="training loss", xlabel="update", ylabel="loss")
     axes[1].set(title="validation top-1", xlabel="update", ylabel="%")
+    plot_probe(axes[2], pre_dir, "pretraining")
     return save(fig, axes, out)
 
 
@@ -164,7 +187,8 @@ def prepare_data(out: str, n: int) -> tuple[str, dict]:
 def pretrain(a, config: str, pre_dir: str, info: str, env: dict, step: str) -> None:
     """DeepSpeed pretraining on --ranks processes (continuing a finished run), then its export (what
     `python -m pretrain.cli.release RUN` does, in this process: one interpreter start less)."""
-    sets = [f"run_dir={pre_dir}", f"data.train={info}", f"data.val={info}", "log.progress=false"]
+    sets = [f"run_dir={pre_dir}", f"data.train={info}", f"data.val={info}", "log.progress=false",
+            f"probe.data={info}"]  # a kNN probe of the features with each evaluation (and at update 0)
     if a.pretrain_steps:
         sets.append(f"optim.max_steps={a.pretrain_steps}")
     done = os.path.exists(f"{pre_dir}/checkpoints/latest_complete")
@@ -203,6 +227,8 @@ def demo(a) -> int:
     print("[5/5] results")
     if pre:
         print(f"  pretraining  top-1 {pre[-1]['val_top1']:.1f}% (chance 10%) on {pre[-1]['val_samples']} images")
+    if probe_line(pre_dir):
+        print(f"  pretraining  {probe_line(pre_dir)}")
     if ft:
         print(f"  fine-tuned   top-1 {ft[-1]['val_top1']:.1f}% (chance 10%) on {ft[-1]['val_samples']} images")
     print(f"  runs:        {pre_dir} and {ft_dir} (config.json, metrics.jsonl, checkpoints/, export/)")
@@ -211,7 +237,7 @@ def demo(a) -> int:
 
 
 def plot_simmim(pre_dir: str, runs: dict[str, str], out: str) -> str:
-    fig, axes = figure(3)
+    fig, axes = figure(4)
     recs = records(os.path.join(pre_dir, "metrics.jsonl"))
     for key, label in (("loss", "training"), ("val_loss", "validation (fixed masks)")):
         pts = {r["step"]: r[key] for r in recs if key in r}
@@ -220,6 +246,7 @@ def plot_simmim(pre_dir: str, runs: dict[str, str], out: str) -> str:
     plot_runs(axes[1], axes[2], runs)
     axes[1].set(title="fine-tune 96px/w6: training loss", xlabel="update", ylabel="loss")
     axes[2].set(title="fine-tune: validation top-1", xlabel="update", ylabel="%")
+    plot_probe(axes[3], pre_dir, "SimMIM pretraining")
     return save(fig, axes, out)
 
 
@@ -240,6 +267,8 @@ def demo_simmim(a) -> int:
         print(f"  SimMIM validation reconstruction loss: {evals[0]['val_loss']:.4f} at update {evals[0]['step']} -> "
               f"{evals[-1]['val_loss']:.4f} at update {evals[-1]['step']} ({evals[-1]['val_samples']} images, "
               "fixed masks)")
+    if probe_line(pre_dir):
+        print(f"  SimMIM {probe_line(pre_dir)}")
     tops = {}
     for name, d in (("from SimMIM", ft_dir), ("from random init", scratch_dir)):
         ev = [r for r in records(f"{d}/metrics.jsonl") if "val_top1" in r]

@@ -242,6 +242,20 @@ class SwinTransformer(nn.Module):
         """(B, 3, H, W) -> pooled features (B, num_features), for fine-tuning and linear probes."""
         return self.forward_tokens(x).mean(dim=(1, 2))
 
+    def forward_pooled(self, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+        """(B, 3, H, W) -> the average-pooled tokens after stage `stage` (B, its channels), no norm; -1: after
+        the final norm (forward_features). A probe's features: for masked image modelling a middle stage
+        often holds more of what it learned."""
+        if stage < 0:
+            return self.forward_features(x)
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed.view(1, *x.shape[1:3], -1)
+        x = self.pos_drop(x)
+        for layer in self.layers[:stage + 1]:
+            x = layer(x)
+        return x.mean(dim=(1, 2))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes), or pooled features when num_classes == 0."""
         return self.head(self.forward_features(x))

@@ -51,6 +51,10 @@ class Task:
         """The part of an exported file's name that says what the weights are (e.g. `1000cls`)."""
         raise NotImplementedError
 
+    def encoder(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The Swin encoder inside the model this task trains (its features are what a probe measures)."""
+        return module
+
     # ---- the loop's seam
 
     def train_loss(self, forward: Forward, batch: tuple, step_seed: Optional[int]) -> torch.Tensor:

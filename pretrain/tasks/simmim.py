@@ -42,6 +42,9 @@ class MaskedImageModeling(Task):
         self.norm_target_patch = cfg.simmim.norm_target_patch
         self.device, self._shown = device, None
 
+    def encoder(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.encoder  # without its mask token: a probe sees whole images
+
     def train_loss(self, forward: Forward, batch: tuple, step_seed: Optional[int]) -> torch.Tensor:
         x, mask = self.normalize(batch[0], batch[1])
         return forward(x, mask)

@@ -31,6 +31,7 @@ from .faults import Faults
 from .metrics import MetricsWriter, StepStats, forward_flops
 from .optim import WeightEma, build_optimizer, build_scheduler, nonfinite
 from .preemption import Preemption, act
+from .probe import KnnProbe
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -80,7 +81,7 @@ class Trainer:
         self._t_start = time.time()
         self.cfg, self.stage, self.resume, self.faults = cfg, stage or Stage(), resume, faults or Faults()
         self.run_lock = runs.RunLock(cfg.run_dir)  # first, before anything is built or written
-        self.train_loader = self.evaluator = self.metrics = None
+        self.train_loader = self.evaluator = self.probe = self.metrics = None
         try:
             self._build(cfg, resume)
         except BaseException:  # a Trainer that failed to build holds nothing: its lock, its loader workers
@@ -108,8 +109,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.data.updates_per_epoch)
         self.evaluator = (Evaluator(b, data.val_loader(cfg, b), self.task, cfg.data.val, self.print0, cfg.run_dir,
                                     cfg.log.eval_every_steps) if cfg.data.val else None)
+        self.probe = KnnProbe(b, cfg, self.task, self.print0) if cfg.probe.data else None
         self.state, self.signals, self._micro, self._grad_norm = TrainState(), Preemption(), 0, None
-        self._last_eval, self._preempt_code, self.result = -1, 0, {}
+        self._last_eval, self._last_probe, self._preempt_code, self.result = -1, -1, 0, {}
         self.checkpoints = CheckpointManager(
             b, cfg.checkpoint, cfg.checkpoint_dir, cfg.to_dict(),
             {"train": self.state, "loader": LoaderPosition(self.train_loader, cfg.data.workers, self.print0)},
@@ -160,7 +162,7 @@ class Trainer:
         """On every exit (done, preempted, failed, or failed to build): the run dir's lock, and the loader
         workers (which ignore SIGTERM)."""
         self.run_lock.release()
-        for part in (self.metrics, self.train_loader, self.evaluator):
+        for part in (self.metrics, self.train_loader, self.evaluator, self.probe):
             if part is not None:
                 part.close()
 
@@ -170,15 +172,16 @@ class Trainer:
             os.makedirs(cfg.run_dir, exist_ok=True)
             runs.write_config(cfg.run_dir, cfg.to_dict())
         self.metrics.start(state.step if self.resume else None)
+        if self.probe is not None and not self.resume:
+            self._probe(None)  # update 0: the initial encoder's features, the baseline the curve starts from
         while state.step < self.total_updates:
             epoch, finished = self._epoch()
             if not finished:
                 break  # finished mid-epoch: the loader keeps its position in the final checkpoint
-            if self.evaluator is not None and self.evaluator.should_run(state.step, epoch_end=True):
-                self.evaluate(epoch)
+            self._measure(epoch, self.evaluator is not None and self.evaluator.should_run(state.step, epoch_end=True))
             self.checkpoints.maybe_save(state.step, epoch_end=True, last=state.step >= self.total_updates)
-        if self.evaluator is not None and self._last_eval != state.step:
-            self.evaluate()  # a run that stops mid-epoch still reports its final accuracy
+        # A run that stops mid-epoch still reports its final accuracy (and probe).
+        self._measure(None, self.evaluator is not None and self._last_eval != state.step, last=True)
         tag = self.checkpoints.save(state.step)
         if self.stage.on_finish is not None:
             self.stage.on_finish(self, tag)
@@ -212,12 +215,27 @@ class Trainer:
         self.faults.after_update()
         if self.metrics.should_log(step):
             self._log(epoch)
-        if self.evaluator is not None and self.evaluator.should_run(step):
-            self.evaluate(epoch)
+        self._measure(epoch, self.evaluator is not None and self.evaluator.should_run(step))
         self.checkpoints.maybe_save(step, last=step >= self.total_updates)
         if self._preempt_code:  # every rank agreed on it at this update's sync
             act(self._preempt_code, step, lambda: self.checkpoints.save(step), self.checkpoints.last_save_s,
                 self.checkpoints.section.term_save_budget_s, self.rank, self.print0)
+
+    def _measure(self, epoch: Optional[int], evaluate: bool, last: bool = False) -> None:
+        """The evaluation when due, then the probe when due (probe.every_steps, or with the evaluation); the
+        last update gets both (`last`)."""
+        if evaluate:
+            self.evaluate(epoch)
+        step = self.state.step
+        if self.probe is not None and self._last_probe != step and (last or self.probe.should_run(step, evaluate)):
+            self._probe(epoch)
+
+    def _probe(self, epoch: Optional[int]) -> None:
+        step = self.state.step
+        m = self.probe.report(step)
+        self._last_probe, self.result = step, {**self.result, **m}
+        self.metrics.write({"step": step, **({} if epoch is None else {"epoch": epoch}), **m})
+        self.metrics.note(knn=f"{m['probe_knn_top1']:.1f}%")
 
     def evaluate(self, epoch: Optional[int] = None) -> dict:
         """The task's metrics on the validation split (and of the EMA weights, if any)."""

@@ -84,6 +84,7 @@ class MetricsWriter:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = self._tb = self._bar = None
         self._tensorboard, self._progress, self._total, self._initial = tensorboard, progress, total, initial
+        self._notes: dict[str, str] = {}
 
     def should_log(self, step: int) -> bool:
         """Is update `step` one to log (every `every_steps`, log.every_steps, and the last)?"""
@@ -134,7 +135,11 @@ class MetricsWriter:
         self.write(rec)
         left = (total - rec["step"]) * global_batch / max(rec["img_s"], 1e-9)
         self.progress(rec["step"], loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", img_s=f"{rec['img_s']:.0f}",
-                      eta=f"{left / 3600:.1f}h")
+                      eta=f"{left / 3600:.1f}h", **self._notes)
+
+    def note(self, **postfix: str) -> None:
+        """Values the progress line keeps showing until the next note (the last kNN probe)."""
+        self._notes.update(postfix)
 
     def progress(self, step: int, **postfix) -> None:
         if self._bar is not None:
