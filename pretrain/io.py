@@ -77,7 +77,7 @@ def save_failure(e: RuntimeError, path: str) -> BaseException:
         usage = shutil.disk_usage(where)
     except OSError:
         usage = None
-    if usage is not None and usage.free < max(64 << 20, usage.total // 100):
+    if usage is not None and usage.free < (256 << 20):  # the failed write's partial file filled the rest
         return OSError(errno.ENOSPC, "No space left on device", path)
     return UserError(f"{path}: writing failed ({str(e).splitlines()[0][:160]}); check that disk (quota, "
                      "permissions, I/O errors), then resume with --resume auto")

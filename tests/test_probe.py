@@ -123,7 +123,7 @@ def test_probes_that_cannot_run_are_refused_before_training(shards, unlabelled_s
         Trainer(probe_config(shards, tmp_path / "u", data=unlabelled_shards))
     with pytest.raises(DataError, match=r"probe.k=500 is larger than the bank: .* lists 112 images"):
         Trainer(probe_config(shards, tmp_path / "k", k=500))
-    with pytest.raises(DataError, match=r"no split 'holdout'"):
+    with pytest.raises(DataError, match=r"probe.bank_split='holdout': .*no split 'holdout'"):
         Trainer(probe_config(shards, tmp_path / "s", bank_split="holdout"))
     for d in "uks":  # nothing trained: no tag, no metrics
         assert not list((tmp_path / d).glob("checkpoints/step*")) and not (tmp_path / d / "metrics.jsonl").exists()

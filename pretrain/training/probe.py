@@ -141,17 +141,23 @@ class KnnProbe:
     def __init__(self, backend: Backend, cfg: RunConfig, task, print0: Callable[[str], None]):
         self.backend, self.p, self.task, self.print0 = backend, cfg.probe, task, print0
         self.augment = BatchAugment(cfg.aug, 1, backend.device, training=False)  # normalization only
-        self.bank = self._loader(cfg, self.p.bank_split)
-        self.queries = self._loader(cfg, self.p.query_split)
+        self.bank = self._loader(cfg, "bank_split")
+        self.queries = self._loader(cfg, "query_split")
         listed = self.bank.num_samples
         if listed and self.p.k > listed:
             raise DataError(f"probe.k={self.p.k} is larger than the bank: {cfg.probe.data} split "
                             f"{self.p.bank_split!r} lists {listed} images; lower probe.k or use a larger split")
 
-    def _loader(self, cfg: RunConfig, split: str) -> ShardLoader:
+    def _loader(self, cfg: RunConfig, key: str) -> ShardLoader:
+        split = getattr(cfg.probe, key)
         lc = LoaderConfig.from_section(cfg.data, cfg.probe.data, split, batch_size=cfg.optim.micro_batch,
                                        seed=cfg.seed, aug=cfg.aug, targets=ProbeLabels())
-        return ShardLoader(lc, self.backend.rank, self.backend.world, training=False)
+        try:
+            return ShardLoader(lc, self.backend.rank, self.backend.world, training=False)
+        except DataError as e:
+            if str(e).startswith("probe."):
+                raise
+            raise DataError(f"probe.{key}={split!r}: {e}") from None
 
     def should_run(self, step: int, evaluated: bool) -> bool:
         """Due after update `step`? `evaluated`: an evaluation just ran at this update."""
