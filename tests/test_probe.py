@@ -133,3 +133,22 @@ def test_probes_that_cannot_run_are_refused_before_training(shards, unlabelled_s
         load_config(None, ["probe.data=x", "probe.stage=4", "probe.every_steps=5"])
     with pytest.raises(ConfigError, match=r"probe.every_steps=0 probes with each evaluation, but data.val is empty"):
         load_config(None, ["probe.data=x"])
+
+
+@pytest.mark.dist
+def test_the_probe_under_zero3_sees_the_weights_zero0_does(shards, tmp_path):
+    """2 DeepSpeed ranks, a Swin with an absolute position embedding (a parameter of the model itself, which
+    ZeRO-3 gathers only in the model's forward, not in the probe's forward_pooled): ZeRO-3 and ZeRO-0 give the
+    same probe at update 0 (the same initial weights) and after 4 updates within one of the 16 queries."""
+    from conftest import base_config, launch, ok
+    got = {}
+    for stage in (0, 3):
+        cfg = base_config(shards, tmp_path / f"z{stage}", model={"ape": True},
+                          optim={"zero_stage": stage, "max_steps": 4},
+                          probe={"data": shards, "every_steps": 2, "k": 5})
+        ok(launch(cfg))
+        got[stage] = probes(tmp_path / f"z{stage}")
+    assert sorted(got[3]) == sorted(got[0]) == [0, 2, 4]
+    assert got[3][0]["probe_knn_top1"] == got[0][0]["probe_knn_top1"]
+    assert got[3][0]["probe_knn_top5"] == got[0][0]["probe_knn_top5"]
+    assert abs(got[3][4]["probe_knn_top1"] - got[0][4]["probe_knn_top1"]) <= 100 / 16 + 1e-9  # bf16 rounding

@@ -7,6 +7,7 @@ either stage (`backend` in the config).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -58,6 +59,11 @@ class Backend:
         """float32 normalized images (B, 3, H, W) (and the task's other inputs, e.g. SimMIM's mask) -> the
         model's output (logits, a loss) as float32, computed in the run's precision."""
         raise NotImplementedError
+
+    def own_parameters(self, module: torch.nn.Module):
+        """A context in which `module`'s own (not its submodules') parameters are whole, for a call other than
+        its forward (ZeRO-3 partitions them; everywhere else they already are)."""
+        return nullcontext()
 
     def autocast(self):
         """The precision context for a module outside the backend (the EMA copy)."""

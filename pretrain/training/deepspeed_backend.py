@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from datetime import timedelta
 from typing import Optional
 
@@ -122,6 +123,15 @@ class DeepSpeedBackend(Backend):
         """The global gradient norm DeepSpeed's optimizer wrapper computed for this update (None while the
         engine is being built: its wrappers step once to create the optimizer state)."""
         return getattr(getattr(self.engine, "optimizer", None), "_global_grad_norm", None)
+
+    def own_parameters(self, module: torch.nn.Module):
+        """ZeRO-3 gathers a module's parameters in its forward hook; a method other than forward (a probe's
+        forward_pooled) runs the submodules' hooks but not the module's own: gather its direct parameters
+        (Swin's absolute_pos_embed) for the call."""
+        if self.cfg.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+        return deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None)
 
     @property
     def module(self) -> torch.nn.Module:

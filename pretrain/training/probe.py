@@ -168,7 +168,7 @@ class KnnProbe:
         feats, labels = [], []
         for images, y, valid in loader:
             x, y = self.augment(images, y)
-            with self.backend.autocast():
+            with self.backend.own_parameters(encoder), self.backend.autocast():
                 f = encoder.forward_pooled(x, self.p.stage)
             keep = valid.to(x.device)
             feats.append(F.normalize(f.float(), dim=1)[keep])
