@@ -461,7 +461,7 @@ def schedule_checks(o: OptimSection) -> list[Check]:
     else:
         checks.append((not o.decay_epochs and o.decay_rate == OptimSection.decay_rate,
                        "optim.decay_epochs / optim.decay_rate act only with optim.schedule=multistep: remove them, "
-                       "or set optim.schedule=multistep"))
+                       "or --set optim.schedule=multistep"))
     return checks
 
 

@@ -110,7 +110,7 @@ def test_keys_that_act_nowhere_are_refused_with_the_fix():
     from finetune.config import load_finetune_config
     path = str(REPO / "configs/swin_tiny_cpu.json")
     with pytest.raises(ConfigError, match=r"aug.color_jitter=0.4 acts nowhere with aug.auto_augment='rand-m9.*"
-                                          r"remove aug.color_jitter, or set aug.auto_augment=null"):
+                                          r"remove aug.color_jitter, or --set aug.auto_augment=null"):
         load_config(path, ['aug.auto_augment="rand-m9-mstd0.5-inc1"', "aug.color_jitter=0.4"])
     assert load_config(path, ["aug.color_jitter=0.2"]).aug.jitter == 0.2  # RandAugment off: it acts
     assert load_config(path).aug.jitter == 0.0 and TrainConfig().aug.jitter == 0.4  # not given: the official 0.4

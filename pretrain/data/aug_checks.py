@@ -21,7 +21,7 @@ def aug_checks(a: "AugConfig") -> list[Check]:
         in_range(a.jitter, "aug.color_jitter", 0),
         (a.color_jitter is None or a.auto_augment is None,
          f"aug.color_jitter={a.color_jitter} acts nowhere with aug.auto_augment={a.auto_augment!r} (timm applies "
-         "ColorJitter only without RandAugment): remove aug.color_jitter, or set aug.auto_augment=null"),
+         "ColorJitter only without RandAugment): remove aug.color_jitter, or --set aug.auto_augment=null"),
         in_range(a.hflip, "aug.hflip", 0, 1),
         in_range(a.re_prob, "aug.re_prob", 0, 1),
         in_range(a.mixup, "aug.mixup", 0),
@@ -32,7 +32,7 @@ def aug_checks(a: "AugConfig") -> list[Check]:
         in_range(a.crop_pct, "aug.eval_crop_pct", 0, 1, lo_open=True),
         (a.eval_crop_pct is None or a.eval_crop,
          f"aug.eval_crop_pct={a.eval_crop_pct} acts nowhere with aug.eval_crop=false (the evaluation resizes "
-         "straight to img_size): remove aug.eval_crop_pct, or set aug.eval_crop=true"),
+         "straight to img_size): remove aug.eval_crop_pct, or --set aug.eval_crop=true"),
         one_of(a.interpolation, "aug.interpolation", INTERPOLATIONS),
         (len(a.mean) == 3 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in a.mean),
          f"aug.mean must be 3 numbers (R, G, B), got {list(a.mean)}"),

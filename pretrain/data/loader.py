@@ -84,7 +84,7 @@ SECTION_KEYS = {f.name for f in fields(DataSection)} - {"train", "val", "train_s
 def open_shard(url: str, allow_pipe: bool):
     if url.startswith("pipe:"):
         if not allow_pipe:
-            raise DataError(f"{url}: 'pipe:' URLs run a shell command; set data.allow_pipe=true to allow")
+            raise DataError(f"{url}: 'pipe:' URLs run a shell command; --set data.allow_pipe=true to allow")
         return subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE).stdout
     try:
         return open_url(url, "rb").open()
@@ -261,7 +261,7 @@ class ShardStream(IterableDataset):
                         # A count the shard can't hold stretches the epoch and the lr schedule with re-read
                         # samples; evaluation reports the images it read (val_samples / val_expected).
                         raise DataError(msg + ": the shard is truncated or the manifest is wrong (python -m "
-                                        "pretrain.cli.make_shards verify); set data.on_bad_shard='skip' to go on")
+                                        "pretrain.cli.make_shards verify); --set data.on_bad_shard=skip to go on")
                     log.warning("%s (truncated shard?)", msg)
                 return
             except DataError:
@@ -271,7 +271,7 @@ class ShardStream(IterableDataset):
                     # A tar cut mid-member won't heal by retrying; network errors get `retries` tries.
                     msg = f"{url}: unreadable after {start + done} samples ({type(e).__name__}: {e})"
                     if self.cfg.on_bad_shard == "fatal":
-                        raise DataError(msg + "; set data.on_bad_shard='skip' to continue without it") from None
+                        raise DataError(msg + "; --set data.on_bad_shard=skip to continue without it") from None
                     log.warning("%s; skipped", msg)
                     return
                 attempt += 1
@@ -283,8 +283,8 @@ class ShardStream(IterableDataset):
                "be read; give the split's real total after '|' or point at the shards' manifest (python -m "
                "pretrain.cli.make_shards verify checks one)")
         if self.cfg.on_bad_shard == "fatal":
-            raise DataError(msg + "; data.on_bad_shard='skip' trains on the counted samples only")
-        log.warning("%s; only its first %d samples are read (data.on_bad_shard='skip')", msg, expected)
+            raise DataError(msg + "; --set data.on_bad_shard=skip trains on the counted samples only")
+        log.warning("%s; only its first %d samples are read (data.on_bad_shard=skip)", msg, expected)
 
     def _relabel(self, key: str, sample: dict, url: str) -> bool:
         """An alt_label split: the label is that field of the sample's json; False leaves the sample out (< 0),

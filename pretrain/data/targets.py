@@ -49,7 +49,7 @@ class Labels(Targets):
                             "classification needs labels; train it with task=simmim, or shard a labelled source")
         if self.num_classes and split.num_classes and split.num_classes > self.num_classes:
             raise DataError(f"{source}: its manifest says {split.num_classes} classes, more than the model's "
-                            f"{self.num_classes} (model.num_classes): set model.num_classes={split.num_classes}, "
+                            f"{self.num_classes} (model.num_classes): --set model.num_classes={split.num_classes}, "
                             "or point data.train/val at shards of the model's classes")
 
     def target(self, label: Optional[int], key: str, url: str, seed: Optional[tuple[int, int]]) -> int:

@@ -60,7 +60,8 @@ def check_precision(precision: str, accelerator) -> None:
     if precision in supported and not supported[precision]():
         others = [p for p, ok in supported.items() if p != precision and ok()] + ["fp32"]
         raise ConfigError(f"optim.precision {precision}: DeepSpeed's {accelerator.device_name()} accelerator has no "
-                          f"{precision} on this machine; set optim.precision to {' or '.join(others)}")
+                          f"{precision} on this machine; --set optim.precision={others[0]}" + (f" (or {', '.join(others[1:])})"
+                                                                                  if others[1:] else ""))
 
 
 def release_shm_names(rank: int, world: int, env=os.environ) -> None:

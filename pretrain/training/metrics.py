@@ -109,7 +109,7 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
             except ImportError:
                 log.warning("tensorboard is not installed: TensorBoard logging off (pip install "
-                            "'swin-pretrain[tensorboard]', or set log.tensorboard=false)")
+                            "'swin-pretrain[tensorboard]', or --set log.tensorboard=false)")
         if self._progress:
             from tqdm import tqdm
             self._bar = tqdm(total=self._total, initial=self._initial, unit="step", dynamic_ncols=True)
