@@ -102,6 +102,11 @@ def test_a_run_logs_the_probe_at_its_cadence_and_a_resume_reproduces_the_next_on
     assert all(r["probe_bank"] == 112 and r["probe_queries"] == 16 and 0 <= r["probe_knn_top1"] <= 100
                for r in first.values())
     assert "kNN probe at update 6: top-1" in capsys.readouterr().out
+    plain = in_process_config(shards, tmp_path / "plain", checkpoint={"every_steps": 2, "keep": 5})
+    Trainer(plain).fit()  # the probe draws no random number: training is the same without it
+    loss = {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "a" / "metrics.jsonl")) if "loss" in r}
+    assert loss == {r["step"]: r["loss"] for r in map(json.loads, open(tmp_path / "plain" / "metrics.jsonl"))
+                    if "loss" in r}
     cfg = probe_config(shards, tmp_path / "a")
     resumed = Trainer(cfg, resume=str(tmp_path / "a" / "checkpoints" / "step00000002"))
     resumed.fit()
