@@ -6,13 +6,16 @@ the demos): common arguments, the distributed environment resolved first, and on
 
 The policy: a user error (a bad key or value, a missing file, a bad checkpoint or shard, a run dir in use,
 a full disk) is one line, `error: ...` naming the file or key and what to do, on rank 0 (or on the one rank
-that met it), and exit 2; a broken collective (another rank stopped) is one line and exit 1; anything else
-is a bug and keeps its traceback. The process group is closed on every exit.
+that met it), and exit 2; a broken collective (another rank stopped) is one line and exit 1; SIGTERM outside
+the training loop (which checkpoints on it) is one line and exit 143: launchers (torchrun, deepspeed, srun
+--kill-on-bad-exit) stop the other ranks with it when one fails; anything else is a bug and keeps its
+traceback. The process group is closed on every exit.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from typing import Callable, Optional
 
@@ -57,6 +60,11 @@ def run(job: Callable[[], object], show_result: bool = True, spellings: Optional
     (printed by rank 0), an int (the exit code) or None. `spellings`: how this command line spells the library
     options a message may suggest (pretrain.errors.ALLOW_PICKLE -> "--allow-pickle")."""
     from .. import slurm
+    import signal
+    import threading
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    previous = signal.signal(signal.SIGTERM, _stopped_by_term) if main else None
+    _REPORTED.clear()
     try:
         slurm.init_env_from_slurm()  # first: every later read of the rank agrees, under srun too
         result = job()
@@ -66,22 +74,41 @@ def run(job: Callable[[], object], show_result: bool = True, spellings: Optional
             from ..compat import peer_stopped
             if peer_stopped(e):  # its own error (printed by the rank that met it) says why
                 first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                _REPORTED.append(True)
                 print(f"error: rank {rank()}: stopped because another rank did (its error above says why); "
-                      f"{type(e).__name__}: {first}", file=sys.stderr)
+                      f"{type(e).__name__}: {first}", file=sys.stderr, flush=True)
                 return 1
             raise
         # Errors every rank meets alike (config, manifest, checkpoint) print once; one met by a single rank
         # (its data, found while reading) prints there.
+        _REPORTED.append(True)  # a rank that prints nothing here defers to the one that does
         if rank() == 0 or getattr(e, "rank_local", False):  # set on a UserError instance or class
-            print(f"error: {spoken(line, spellings or {})}", file=sys.stderr)
+            print(f"error: {spoken(line, spellings or {})}", file=sys.stderr, flush=True)
         return 2
     finally:
         _close_group()
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     if isinstance(result, int):
         return result
     if show_result and isinstance(result, dict) and result and rank() == 0:
         print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return 0
+
+
+_REPORTED: list[bool] = []  # this process already printed its error line
+
+
+def _stopped_by_term(signum, frame) -> None:
+    """SIGTERM where the loop's own handler (checkpoint, exit 143) is not installed: before training, or
+    while an error unwinds after it. The default action would end the rank silently (-15); this says so in
+    one line (none if the rank already printed its error) and exits 143 at once: raising here could land
+    in any cleanup code."""
+    if not _REPORTED:
+        print(f"error: rank {rank()}: stopped by SIGTERM (a launcher stops every rank when one fails: see that "
+              "rank's error; or the job was cancelled)", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(143)
 
 
 def _close_group() -> None:
