@@ -6,6 +6,7 @@ pretrain.training.deepspeed_checks, pretrain.tasks.checks, fine-tuning's config)
 them all at load."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from .errors import UserError
@@ -31,6 +32,14 @@ def in_range(value: Any, key: str, lo: Optional[float] = None, hi: Optional[floa
 
 def one_of(value: Any, key: str, choices: tuple) -> tuple[bool, str]:
     return value in choices, f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+
+
+def set_keys(section: Any, prefix: str) -> list[str]:
+    """The keys of a config section (a dataclass) set away from their defaults, as `prefix.name`: what a
+    rule refuses where the section acts nowhere."""
+    defaults = type(section)()
+    return [f"{prefix}.{f.name}" for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(defaults, f.name)]
 
 
 def raise_failed(checks: list[tuple[bool, str]]) -> None:

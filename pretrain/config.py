@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 # without loading them (tests/test_layering.py checks).
 from .architecture import VARIANTS as VARIANT_SHAPES
 from .architecture import architecture_problem
-from .checks import Check, ConfigError, in_range, one_of, raise_failed  # noqa: F401  (ConfigError: its home)
+from .checks import Check, ConfigError, in_range, one_of, raise_failed, set_keys  # noqa: F401  (ConfigError: its home)
 from .data.aug_checks import aug_checks
 from .tasks.checks import CLASSIFICATION_ONLY, task_checks
 from .training.deepspeed_checks import deepspeed_checks
@@ -434,9 +434,9 @@ def run_checks(cfg: RunConfig) -> list[Check]:
 
 
 def probe_checks(cfg: RunConfig) -> list[Check]:
-    p, defaults = cfg.probe, ProbeSection()
+    p = cfg.probe
     if not p.data:
-        changed = [f"probe.{f.name}" for f in dataclasses.fields(p) if getattr(p, f.name) != getattr(defaults, f.name)]
+        changed = set_keys(p, "probe")
         return [(not changed, f"{', '.join(changed)} act(s) only with probe.data set (labelled shards): set it, or "
                               "remove them")]
     stages = len(cfg.model.depths or VARIANT_SHAPES.get(cfg.model.variant, {}).get("depths", (0,) * 4))

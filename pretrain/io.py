@@ -59,13 +59,16 @@ def read_bytes(url: str) -> bytes:
         cause = e.__cause__
         if cause is None or getattr(cause, "status", None) in (404, 410):
             raise FileNotFoundError(f"{url}: no such file") from None
-        raise UnreadableError(f"{url}: can't be read ({type(cause).__name__}: {str(cause).splitlines()[0][:160]}); "
-                              "check the URL, the network and the credentials") from None
+        raise _unreadable(url, cause) from None
     except UserError:
         raise
     except Exception as e:  # the network, credentials, a server's answer: never reported as a missing file
-        raise UnreadableError(f"{url}: can't be read ({type(e).__name__}: {str(e).splitlines()[0][:160]}); check "
-                              "the URL, the network and the credentials") from None
+        raise _unreadable(url, e) from None
+
+
+def _unreadable(url: str, cause: BaseException) -> UnreadableError:
+    return UnreadableError(f"{url}: can't be read ({type(cause).__name__}: {str(cause).splitlines()[0][:160]}); "
+                           "check the URL, the network and the credentials")
 
 
 def save_failure(e: RuntimeError, path: str) -> BaseException:

@@ -151,6 +151,12 @@ def mark_complete(ckpt_dir: str, tag: str, config_json: str) -> None:
     write_bytes_atomic(os.path.join(ckpt_dir, POINTER), tag.encode())
 
 
+def _marker(path: str) -> dict:
+    """A tag folder's COMPLETE marker ({} for the empty markers of older checkpoints)."""
+    raw = open(os.path.join(path, MARKER), "rb").read()
+    return json.loads(raw) if raw.strip() else {}
+
+
 def crc32_of(path: str) -> str:
     """A file's CRC-32 (zlib, in 16 MiB reads): enough to tell a changed byte, at disk read speed."""
     crc = 0
@@ -164,8 +170,7 @@ def check_contents(ckpt_dir: str, tag: str) -> None:
     """Every file the tag's marker lists still has the CRC-32 it was written with (markers written before
     checksums list none: nothing to check). Reads the whole tag: one process does it (rank 0 on a resume)."""
     path = os.path.join(ckpt_dir, tag)
-    raw = open(os.path.join(path, MARKER), "rb").read()
-    listed = json.loads(raw).get("crc32", {}) if raw.strip() else {}
+    listed = _marker(path).get("crc32", {})
     for rel, crc in sorted(listed.items()):
         f = os.path.join(path, rel)
         have = crc32_of(f)
@@ -187,8 +192,7 @@ def check_files(ckpt_dir: str, tag: str) -> None:
     """Every file the tag's marker lists is there with the size it was written with (markers of older
     checkpoints list none: nothing to check)."""
     path = os.path.join(ckpt_dir, tag)
-    raw = open(os.path.join(path, MARKER), "rb").read()
-    listed = json.loads(raw).get("files", {}) if raw.strip() else {}
+    listed = _marker(path).get("files", {})
     for rel, size in sorted(listed.items()):
         f = os.path.join(path, rel)
         have = os.path.getsize(f) if os.path.exists(f) else None

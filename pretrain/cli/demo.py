@@ -227,8 +227,9 @@ def demo(a) -> int:
     print("[5/5] results")
     if pre:
         print(f"  pretraining  top-1 {pre[-1]['val_top1']:.1f}% (chance 10%) on {pre[-1]['val_samples']} images")
-    if probe_line(pre_dir):
-        print(f"  pretraining  {probe_line(pre_dir)}")
+    probe = probe_line(pre_dir)
+    if probe:
+        print(f"  pretraining  {probe}")
     if ft:
         print(f"  fine-tuned   top-1 {ft[-1]['val_top1']:.1f}% (chance 10%) on {ft[-1]['val_samples']} images")
     print(f"  runs:        {pre_dir} and {ft_dir} (config.json, metrics.jsonl, checkpoints/, export/)")
@@ -267,8 +268,9 @@ def demo_simmim(a) -> int:
         print(f"  SimMIM validation reconstruction loss: {evals[0]['val_loss']:.4f} at update {evals[0]['step']} -> "
               f"{evals[-1]['val_loss']:.4f} at update {evals[-1]['step']} ({evals[-1]['val_samples']} images, "
               "fixed masks)")
-    if probe_line(pre_dir):
-        print(f"  SimMIM {probe_line(pre_dir)}")
+    probe = probe_line(pre_dir)
+    if probe:
+        print(f"  SimMIM {probe}")
     tops = {}
     for name, d in (("from SimMIM", ft_dir), ("from random init", scratch_dir)):
         ev = [r for r in records(f"{d}/metrics.jsonl") if "val_top1" in r]

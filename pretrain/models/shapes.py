@@ -63,8 +63,8 @@ def checkpoint_window(sd: Mapping[str, torch.Tensor]) -> int:
     if not tables:
         raise CheckpointError("no relative_position_bias_table in the checkpoint: not a Swin (V1) checkpoint")
     index = [math.isqrt(v.shape[0]) for k, v in sd.items() if k.endswith("relative_position_index") and v.dim() == 2]
-    votes = Counter(w for w in tables + index if w > 0)
-    return votes.most_common(1)[0][0] if votes else 0
+    votes = [w for w in tables + index if w > 0]
+    return _vote(votes) if votes else 0
 
 
 def _vote(values: list) -> Any:
@@ -74,7 +74,7 @@ def _vote(values: list) -> Any:
 
 
 def _v2_window(windows: dict[int, tuple[int, int]]) -> Optional[int]:
-    return Counter(w for w, _ in windows.values()).most_common(1)[0][0] if windows else None
+    return _vote([w for w, _ in windows.values()]) if windows else None
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], windows_from: Optional[Mapping] = None) -> dict[str, Any]:
@@ -85,14 +85,13 @@ def infer_config(sd: Mapping[str, torch.Tensor], windows_from: Optional[Mapping]
     proj = sd["patch_embed.proj.weight"]
     depths, heads = [], []
     version = family(sd)
+    # A tensor with one row (V2) or column (V1) per head, in every block: the heads are the blocks' vote.
+    per_head, dim = ("logit_scale", 0) if version == 2 else ("relative_position_bias_table", 1)
     i = 0
     while any(k.startswith(f"layers.{i}.blocks.") for k in sd):
         depths.append(1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"layers.{i}.blocks.")))
-        blocks = range(depths[-1])
-        heads.append(_vote([sd[f"layers.{i}.blocks.{b}.attn.logit_scale"].shape[0] if version == 2 else
-                            sd[f"layers.{i}.blocks.{b}.attn.relative_position_bias_table"].shape[1]
-                            for b in blocks if f"layers.{i}.blocks.{b}.attn.logit_scale" in sd
-                            or f"layers.{i}.blocks.{b}.attn.relative_position_bias_table" in sd]))
+        heads.append(_vote([sd[k].shape[dim] for b in range(depths[-1])
+                            if (k := f"layers.{i}.blocks.{b}.attn.{per_head}") in sd]))
         i += 1
     windows = v2_windows(windows_from or sd) if version == 2 else {}
     cfg: dict[str, Any] = dict(

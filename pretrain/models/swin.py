@@ -227,6 +227,11 @@ class SwinTransformer(nn.Module):
                        mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, 3, H, W) -> normalized last-stage tokens (B, H/32, W/32, C). With `mask` (B, H/4, W/4) of 0/1,
         masked patch embeddings are replaced by `mask_token` (C,) before the position embedding (SimMIM)."""
+        return self.norm(self._stages(x, mask, mask_token))
+
+    def _stages(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None,
+                stages: Optional[int] = None) -> torch.Tensor:
+        """The tokens after the first `stages` stages (None: all), before the final norm."""
         x = self.patch_embed(x)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
@@ -234,9 +239,9 @@ class SwinTransformer(nn.Module):
         if self.absolute_pos_embed is not None:
             x = x + self.absolute_pos_embed.view(1, *x.shape[1:3], -1)
         x = self.pos_drop(x)
-        for stage in self.layers:
+        for stage in self.layers if stages is None else self.layers[:stages]:  # the training path: no slice
             x = stage(x)
-        return self.norm(x)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> pooled features (B, num_features), for fine-tuning and linear probes."""
@@ -248,13 +253,7 @@ class SwinTransformer(nn.Module):
         often holds more of what it learned."""
         if stage < 0:
             return self.forward_features(x)
-        x = self.patch_embed(x)
-        if self.absolute_pos_embed is not None:
-            x = x + self.absolute_pos_embed.view(1, *x.shape[1:3], -1)
-        x = self.pos_drop(x)
-        for layer in self.layers[:stage + 1]:
-            x = layer(x)
-        return x.mean(dim=(1, 2))
+        return self._stages(x, stages=stage + 1).mean(dim=(1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes), or pooled features when num_classes == 0."""

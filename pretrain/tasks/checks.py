@@ -3,11 +3,10 @@ a mask; the classification transform's keys act nowhere with SimMIM. Torch-free:
 `task_checks` on every config read (the `task` key's choices are the schema's)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from ..architecture import mask_problem
-from ..checks import Check
+from ..checks import Check, set_keys
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -20,10 +19,10 @@ CLASSIFICATION_ONLY = ("auto_augment", "color_jitter", "re_prob", "mixup", "cutm
 
 def task_checks(cfg: "RunConfig") -> list[Check]:
     """The simmim section acts only with task simmim; the classification-only keys only without it."""
-    s, defaults = cfg.simmim, type(cfg.simmim)()
+    s = cfg.simmim
     checks: list[Check] = []
     if cfg.task != "simmim":
-        changed = [f"simmim.{f.name}" for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(defaults, f.name)]
+        changed = set_keys(s, "simmim")
         checks.append((not changed, f"{', '.join(changed)} act(s) only with task=simmim (this run's task is "
                                     f"{cfg.task!r}): remove them, or set task=simmim"))
         return checks
